@@ -1,0 +1,7 @@
+"""Definitions of the ``torch.ops.inductor_quant`` operators: schema, fake impl, CPU kernel.
+
+Importing this package registers every op. Device kernels (Triton, in ``inductor_quant.kernels``)
+are registered by ``inductor_quant.ops.triton_registrations`` when Triton and a GPU are available.
+"""
+
+from . import blockwise, fourbit, gemm, optim  # noqa: F401  (registration side effects)

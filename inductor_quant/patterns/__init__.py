@@ -1,0 +1,1 @@
+"""Post-grad pattern-matcher passes (dequantize+linear, optimizer chains), one family per file."""
