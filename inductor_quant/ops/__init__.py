@@ -5,3 +5,4 @@ are registered by ``inductor_quant.ops.triton_registrations`` when Triton and a 
 """
 
 from . import blockwise, fourbit, gemm, optim  # noqa: F401  (registration side effects)
+from . import optim_functional  # noqa: F401  (functional optimizer steps for compiled graphs)
