@@ -1,0 +1,135 @@
+"""``Linear8bit``: a weight-only linear layer with a blockwise 8-bit weight (dynamic map).
+
+The weight is stored as one uint8 index per element into the 256-entry signed dynamic map
+(bitsandbytes' 8-bit code), with one fp32 absmax per ``blocksize`` weights (256 by default), i.e.
+``8 + 32 / blocksize`` bits per weight. This is not bitsandbytes' ``Linear8bitLt`` (LLM.int8:
+row-wise int8 with outlier decomposition); it is the blockwise scheme of its 8-bit optimizers
+applied to a weight: about twice the memory of 4-bit, with a much smaller error.
+
+``forward`` is ``F.linear(x, dequantize_blockwise(weight), bias)`` eagerly and compiled (the
+pattern an Inductor pass can fuse); gradients reach the input and the bias, the weight is frozen.
+
+Checkpoint entries: ``weight`` (uint8 ``[out, in]``), ``bias``, ``weight.absmax``,
+``weight.quant_map`` and ``weight.quant_state.inductor_quant__blockwise8`` (JSON: blocksize,
+dtype, shape), in the style of bitsandbytes' 4-bit entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..ops._checks import MAX_BLOCKSIZE, MIN_BLOCKSIZE
+from ..quant_state import BlockwiseState, CheckpointFormatError, quantize_blockwise
+from ..quant_state import dequantize_blockwise as _dequantize_blockwise
+from ._base import QuantizedLinear
+
+__all__ = ["Linear8bit"]
+
+
+class Linear8bit(QuantizedLinear):
+    """``y = x @ W.T + b`` with ``W`` quantized blockwise to 8 bits with the dynamic map.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        compute_dtype: dtype of the matmul (None: the input's dtype).
+        blocksize: weights per absmax (power of two in [32, 4096]; default 256).
+        device: where the layer lives (``"meta"``: empty, to be filled by ``load_state_dict``).
+        dtype: dtype of the full-precision weight and of the bias.
+    """
+
+    quant_tensor_names = ("weight", "absmax", "quant_map")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        blocksize: int = 256,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, device, dtype)
+        if not isinstance(blocksize, int) or not MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE or blocksize & (blocksize - 1):
+            raise ValueError(f"blocksize must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize!r}")
+        self.blocksize = blocksize
+        self.set_weight(self.init_weight(device))
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, *, compute_dtype: torch.dtype | None = None, blocksize: int = 256) -> Linear8bit:
+        """Quantize an ``nn.Linear`` (on its device); the bias parameter is shared, not copied."""
+        layer = Linear8bit(
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            compute_dtype=compute_dtype,
+            blocksize=blocksize,
+            device="meta",
+            dtype=linear.weight.dtype if linear.weight.dtype.is_floating_point else None,
+        )
+        with torch.no_grad():
+            layer.set_weight(linear.weight)
+        layer.bias = linear.bias
+        return layer
+
+    @property
+    def quant_state(self) -> BlockwiseState:
+        """The weight's quantization state (a view of the layer's tensors)."""
+        return BlockwiseState(
+            absmax=self.absmax,
+            code=self.quant_map,
+            blocksize=self.blocksize,
+            dtype=self.weight_dtype,
+            shape=torch.Size(self.weight_shape),
+        )
+
+    def _adopt(self, codes: torch.Tensor, state: BlockwiseState) -> None:
+        self.weight = torch.nn.Parameter(codes, requires_grad=False)
+        self.absmax = state.absmax
+        self.quant_map = state.code
+        self.blocksize = state.blocksize
+        self.weight_dtype = state.dtype
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a full-precision ``[out_features, in_features]`` weight (on its device) into the layer."""
+        if tuple(weight.shape) != tuple(self.weight_shape):
+            raise ValueError(f"weight must have shape {tuple(self.weight_shape)}, got {tuple(weight.shape)}")
+        codes, state = quantize_blockwise(weight.detach(), blocksize=self.blocksize)
+        self._adopt(codes, state)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The ``[out_features, in_features]`` weight the layer computes with."""
+        return _dequantize_blockwise(self.weight, self.quant_state, dtype=dtype)
+
+    def quantized_state_dict(self) -> dict[str, torch.Tensor]:
+        entries = {"weight": self.weight}
+        for key, value in self.quant_state.as_dict(packed=True).items():
+            entries["weight." + key] = value
+        return entries
+
+    def load_quantized(self, weight: torch.Tensor, entries: Mapping[str, torch.Tensor], prefix: str, device: torch.device) -> None:
+        state = BlockwiseState.from_dict(entries, device=device, prefix=prefix + "weight.")
+        if tuple(state.shape) != tuple(self.weight_shape):
+            raise CheckpointFormatError(
+                f"{prefix}weight.quant_state.inductor_quant__blockwise8: the checkpoint's weight has shape "
+                f"{tuple(state.shape)}, this layer is {tuple(self.weight_shape)} (out_features, in_features)"
+            )
+        if weight.dtype != torch.uint8 or tuple(weight.shape) != tuple(self.weight_shape):
+            raise CheckpointFormatError(
+                f"{prefix}weight: expected uint8 codes of shape {tuple(self.weight_shape)}, got "
+                f"{tuple(weight.shape)} {weight.dtype}"
+            )
+        self._adopt(weight.detach().to(device), state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        dtype = self._compute_dtype_for(x)
+        weight = torch.ops.inductor_quant.dequantize_blockwise(self.weight, self.absmax, self.quant_map, self.blocksize, dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), weight, bias).to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, blocksize={self.blocksize}"
