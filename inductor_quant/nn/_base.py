@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..ops._checks import FLOAT_DTYPES
+from ..ops._checks import FLOAT_DTYPES, MAX_BLOCKSIZE, MIN_BLOCKSIZE
 from ..quant_state import CheckpointFormatError
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -33,6 +33,13 @@ _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 def check_float_dtype(dtype: torch.dtype | None, name: str) -> None:
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be None or one of {FLOAT_DTYPES}, got {dtype}")
+
+
+def check_blocksize(blocksize: int) -> None:
+    """Raise ValueError unless ``blocksize`` is a power of two in [32, 4096]."""
+    ok = isinstance(blocksize, int) and not isinstance(blocksize, bool) and MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE
+    if not ok or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize!r}")
 
 
 class QuantizedLinear(nn.Module, abc.ABC):

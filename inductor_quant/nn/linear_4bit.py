@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..code_tables import QUANT_TYPES
-from ..ops._checks import MAX_BLOCKSIZE, MIN_BLOCKSIZE, STORAGE_DTYPES
+from ..ops._checks import STORAGE_DTYPES
 from ..quant_state import NESTED_BLOCKSIZE, BlockwiseState, CheckpointFormatError, QuantState, quantize_4bit
 from ..quant_state import dequantize_4bit as _dequantize_4bit
-from ._base import QuantizedLinear
+from ._base import QuantizedLinear, check_blocksize
 
 __all__ = ["Linear4bit", "LinearNF4", "LinearFP4", "check_4bit_config"]
 
@@ -41,8 +41,7 @@ def check_4bit_config(
     """Raise ValueError (naming the argument) for a configuration the 4-bit ops cannot hold."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    if not isinstance(blocksize, int) or not MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize!r}")
+    check_blocksize(blocksize)
     if quant_storage not in STORAGE_DTYPES:
         raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage}")
     n = in_features * out_features

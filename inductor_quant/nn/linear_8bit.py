@@ -21,10 +21,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..ops._checks import MAX_BLOCKSIZE, MIN_BLOCKSIZE
 from ..quant_state import BlockwiseState, CheckpointFormatError, quantize_blockwise
 from ..quant_state import dequantize_blockwise as _dequantize_blockwise
-from ._base import QuantizedLinear
+from ._base import QuantizedLinear, check_blocksize
 
 __all__ = ["Linear8bit"]
 
@@ -53,8 +52,7 @@ class Linear8bit(QuantizedLinear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, compute_dtype, device, dtype)
-        if not isinstance(blocksize, int) or not MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE or blocksize & (blocksize - 1):
-            raise ValueError(f"blocksize must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize!r}")
+        check_blocksize(blocksize)
         self.blocksize = blocksize
         self.set_weight(self.init_weight(device))
 

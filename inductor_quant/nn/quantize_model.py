@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..ops._checks import FLOAT_DTYPES
+from ._base import check_blocksize, check_float_dtype
 from .linear_4bit import Linear4bit, check_4bit_config
 from .linear_8bit import Linear8bit
 
@@ -150,31 +151,29 @@ def quantize_model(
     skip = tuple(skip)
     blocksize = DEFAULT_BLOCKSIZE[bits] if blocksize is None else blocksize
     if bits == 4:
-        check_4bit_config(1, 2 * quant_storage.itemsize, quant_type, blocksize, quant_storage)
+        check_4bit_config(2, quant_storage.itemsize, quant_type, blocksize, quant_storage)
     else:
-        Linear8bit(1, 1, bias=False, blocksize=blocksize, device="meta")  # validates blocksize
+        check_blocksize(blocksize)
+    check_float_dtype(compute_dtype, "compute_dtype")
 
     bytes_before = module_bytes(model)
     targets: list[tuple[str, nn.Module, str, nn.Linear]] = []
     skipped: list[str] = []
-    visited: set[tuple[int, str]] = set()
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent.named_children():
-            if type(child) is not nn.Linear or (id(parent), child_name) in visited:
-                continue
-            visited.add((id(parent), child_name))
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if name_matches(name, skip):
-                skipped.append(name)
-                continue
-            if child.weight.dtype not in FLOAT_DTYPES:
-                raise ValueError(f"{name}: weight dtype {child.weight.dtype} cannot be quantized (expected one of {FLOAT_DTYPES})")
-            if bits == 4:
-                try:
-                    check_4bit_config(child.in_features, child.out_features, quant_type, blocksize, quant_storage)
-                except ValueError as error:
-                    raise ValueError(f"{name}: {error}") from None
-            targets.append((name, parent, child_name, child))
+    for name, child in model.named_modules(remove_duplicate=False):
+        if type(child) is not nn.Linear:
+            continue
+        if name_matches(name, skip):
+            skipped.append(name)
+            continue
+        if child.weight.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: weight dtype {child.weight.dtype} cannot be quantized (expected one of {FLOAT_DTYPES})")
+        if bits == 4:
+            try:
+                check_4bit_config(child.in_features, child.out_features, quant_type, blocksize, quant_storage)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+        parent_name, _, child_name = name.rpartition(".")
+        targets.append((name, model.get_submodule(parent_name), child_name, child))
 
     replacements: dict[int, nn.Module] = {}
     quantized: list[str] = []
