@@ -7,3 +7,4 @@ are registered by ``inductor_quant.ops.triton_registrations`` when Triton and a 
 from . import blockwise, fourbit, gemm, optim  # noqa: F401  (registration side effects)
 from . import optim_functional  # noqa: F401  (functional optimizer steps for compiled graphs)
 from . import autograd  # noqa: F401  (QLoRA backward of gemm_4bit)
+from . import triton_gemm  # noqa: F401  (Triton GPU kernels of gemv_4bit / gemm_4bit)

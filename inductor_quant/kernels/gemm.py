@@ -1,0 +1,391 @@
+"""Fused 4-bit (NF4/FP4) matmul kernels: ``out = A @ W.T (+ bias)`` with ``W [N, K]`` packed.
+
+The packed weight is read once and dequantized in registers; the dequantized weight never goes
+to memory. Three kernels, chosen by :func:`gemm_4bit_fused`:
+
+* ``_gemv_4bit_kernel`` (M = 1, CUDA cores): one program per ``BLOCK_N`` rows and row of ``A``.
+  The weight is loaded as 32-bit words (8 codes each); each code becomes ``code[q] * absmax`` in
+  fp32 and is multiplied into an fp32 accumulator tile, reduced once at the end.
+* ``_gemm_4bit_dot_kernel`` (small M, tensor cores): the same dequantization, rounded to A's dtype
+  (``dtype(code[q] * absmax)``, exactly the reference's weight), then ``tl.dot`` with an fp32
+  accumulator. Programs that share a weight tile run next to each other, so the tile comes from L2
+  for every M-tile after the first.
+* ``_gemm_4bit_generic_kernel`` (any shape): per-element byte, nibble and block indexing, for the
+  layouts the word kernels cannot read: ``K % blocksize != 0`` (blocks straddle rows), odd ``N * K``
+  or a packed buffer that is not 4-byte aligned. Still fused; slower.
+
+Both word kernels need ``K % blocksize == 0`` (so a row holds whole blocks and ``K / 8`` whole
+words) and a 4-byte aligned packed buffer. Layout (bitsandbytes'): flat element ``e = n * K + k``
+is nibble ``e % 2`` (high first) of byte ``e // 2``; its scale is ``absmax[e // blocksize]``, or
+with double quantization ``absmax_code[absmax_8bit[b]] * absmax[b // 256] + absmax_offset``.
+
+Code lookup. A gather from the 16-entry table costs a 64-bit address computation and a load per
+element, which makes the GEMV issue-bound. On NVIDIA GPUs each lane instead holds
+``code[lane % 16]`` in a register and a warp shuffle (``shfl.sync.idx``, which reads only the low
+5 bits of its lane operand) fetches ``code[q]``: one shift and one shuffle per element. The
+Triton interpreter and other backends use the gather (``USE_SHFL=False``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "NESTED_BLOCKSIZE",
+    "FUSED_MAX_M",
+    "KernelConfig",
+    "gemm_4bit_fused",
+    "is_word_aligned",
+    "fused_path",
+]
+
+NESTED_BLOCKSIZE = 256
+
+# Largest number of rows of A (tokens) for which the fused kernels beat dequantize + cuBLAS on the
+# H100 (tools/notes_gemm.md); above it the op dequantizes and calls F.linear.
+FUSED_MAX_M = 64
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one fused kernel launch."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    block_m: int = 1
+    num_stages: int = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lane_code(code):
+    """``code[laneid % 16]``: this lane's table entry for the shuffle lookup (a per-thread scalar)."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [0], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.load(code + (lane & 15))
+
+
+@triton.jit
+def _lookup(lane_code, code, q, USE_SHFL: tl.constexpr):
+    """fp32 ``code[q & 15]`` for every element of the uint32 tensor ``q``.
+
+    With ``USE_SHFL`` a warp shuffle reads lane ``q & 31`` (lanes ``j`` and ``j + 16`` both hold
+    ``code[j]``, so bit 4 need not be cleared); otherwise a gather from ``code``."""
+    if USE_SHFL:
+        return tl.inline_asm_elementwise(
+            "shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=r,r,r", [lane_code, q], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.load(code + (q & 15))
+
+
+@triton.jit
+def _dequant_words(words, scale, lane_code, code, USE_SHFL: tl.constexpr, R: tl.constexpr, NB: tl.constexpr,
+                   GROUP: tl.constexpr):
+    """``code[q] * scale`` (fp32) for the 8 codes of each uint32 word of ``words [R, NB, GROUP // 8]``,
+    interleaved back to element order: returns ``[R, NB, GROUP]``.
+
+    Little-endian word: byte ``j`` holds element ``2j`` in bits ``8j + 4 .. 8j + 7`` and element
+    ``2j + 1`` in bits ``8j .. 8j + 3``."""
+    c0 = _lookup(lane_code, code, words >> 4, USE_SHFL) * scale
+    c1 = _lookup(lane_code, code, words, USE_SHFL) * scale
+    c2 = _lookup(lane_code, code, words >> 12, USE_SHFL) * scale
+    c3 = _lookup(lane_code, code, words >> 8, USE_SHFL) * scale
+    c4 = _lookup(lane_code, code, words >> 20, USE_SHFL) * scale
+    c5 = _lookup(lane_code, code, words >> 16, USE_SHFL) * scale
+    c6 = _lookup(lane_code, code, words >> 28, USE_SHFL) * scale
+    c7 = _lookup(lane_code, code, words >> 24, USE_SHFL) * scale
+    # join appends a trailing axis; nesting (e & 4, e & 2, e & 1) from outer to inner gives
+    # element e = 4 * b2 + 2 * b1 + b0 after the reshape.
+    even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    return tl.reshape(tl.join(even, odd), [R, NB, GROUP])
+
+
+@triton.jit
+def _block_scales(absmax, absmax_8bit, absmax_code, offset, blk, NESTED: tl.constexpr):
+    """fp32 scale of the quantization blocks ``blk`` (int64 tensor)."""
+    if NESTED:
+        q = tl.load(absmax_8bit + blk).to(tl.int32)
+        return tl.load(absmax_code + q) * tl.load(absmax + blk // 256) + offset
+    else:
+        return tl.load(absmax + blk)
+
+
+@triton.jit
+def _absmax_offset(absmax_offset, NESTED: tl.constexpr):
+    if NESTED:
+        return tl.load(absmax_offset).to(tl.float32)
+    else:
+        return 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gemv_4bit_kernel(
+    A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
+    M, N, K, stride_am, stride_om,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
+):
+    """``out[m, n-tile] = sum_k A[m, k] * W[n, k]`` on CUDA cores, one row of A per program.
+
+    Needs ``K % BLOCK_K == 0`` and ``K % BLOCKSIZE == 0``. The next K-tile's words and scales are
+    loaded before the current one is used, to keep two tiles of loads in flight per warp."""
+    pid = tl.program_id(0)
+    pid_m = pid % M
+    pid_n = pid // M
+    GROUP: tl.constexpr = min(BLOCKSIZE, BLOCK_K)  # elements sharing one scale inside a tile
+    NB: tl.constexpr = BLOCK_K // GROUP
+    WG: tl.constexpr = GROUP // 8
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)  # tail rows recompute row N-1; not stored
+    g = tl.arange(0, NB)
+    words_ptrs = (
+        B.to(tl.pointer_type(tl.uint32))
+        + rows_c[:, None, None] * (K // 8)
+        + (g * WG)[None, :, None]
+        + tl.arange(0, WG)[None, None, :]
+    )
+    blk = rows_c[:, None] * (K // BLOCKSIZE) + (g * GROUP // BLOCKSIZE)[None, :]
+    a_ptrs = A + pid_m.to(tl.int64) * stride_am + (g * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
+    offset = _absmax_offset(absmax_offset, NESTED)
+    lane_code = _lane_code(code) if USE_SHFL else 0.0
+
+    acc = tl.zeros([BLOCK_N, NB, GROUP], dtype=tl.float32)
+    words = tl.load(words_ptrs)
+    scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk, NESTED)
+    for k0 in range(0, K, BLOCK_K):
+        k_next = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+        words_next = tl.load(words_ptrs + k_next // 8)
+        scale_next = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_next // BLOCKSIZE, NESTED)
+        a = tl.load(a_ptrs + k0).to(tl.float32)
+        w = _dequant_words(words, scale[:, :, None], lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
+        acc += w * a[None, :, :]
+        words = words_next
+        scale = scale_next
+    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        res += tl.load(bias + rows_c).to(tl.float32)
+    tl.store(out + pid_m.to(tl.int64) * stride_om + rows, res.to(out.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _gemm_4bit_dot_kernel(
+    A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
+    M, N, K, stride_am, stride_om,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``out[m-tile, n-tile]`` with the dequantized weight tile rounded to A's dtype and ``tl.dot``.
+
+    Needs ``K % BLOCK_K == 0`` and ``K % BLOCKSIZE == 0``. Program ids run over M-tiles fastest, so
+    the programs sharing a weight tile are scheduled together."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    GROUP: tl.constexpr = min(BLOCKSIZE, BLOCK_K)
+    NB: tl.constexpr = BLOCK_K // GROUP
+    WG: tl.constexpr = GROUP // 8
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ms_c = tl.minimum(ms, M - 1).to(tl.int64)  # tail rows of A repeat row M-1; not stored
+    g = tl.arange(0, NB)
+    words_ptrs = (
+        B.to(tl.pointer_type(tl.uint32))
+        + rows_c[:, None, None] * (K // 8)
+        + (g * WG)[None, :, None]
+        + tl.arange(0, WG)[None, None, :]
+    )
+    blk = rows_c[:, None] * (K // BLOCKSIZE) + (g * GROUP // BLOCKSIZE)[None, :]
+    a_ptrs = A + ms_c[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :]
+    offset = _absmax_offset(absmax_offset, NESTED)
+    lane_code = _lane_code(code) if USE_SHFL else 0.0
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        words = tl.load(words_ptrs + k0 // 8)
+        scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k0 // BLOCKSIZE, NESTED)
+        w = _dequant_words(words, scale[:, :, None], lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
+        w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(A.dtype.element_ty)
+        a = tl.load(a_ptrs + k0)
+        acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias + rows_c).to(tl.float32)[:, None]
+    out_ptrs = out + ms[None, :].to(tl.int64) * stride_om + rows[:, None]
+    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=(rows[:, None] < N) & (ms[None, :] < M))
+
+
+@triton.jit
+def _gemm_4bit_generic_kernel(
+    A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
+    M, N, K, stride_am, stride_ak, stride_om,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Any ``K`` and packed alignment: every element computes its own byte, nibble and block from
+    its flat index ``n * K + k`` (int64). The weight tile is ``dtype(code[q] * scale)``."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    offset = _absmax_offset(absmax_offset, NESTED)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        w_mask = (rows[:, None] < N) & (kk[None, :] < K)
+        e = rows[:, None].to(tl.int64) * K + kk[None, :]
+        byte = tl.load(B + (e >> 1), mask=w_mask, other=0).to(tl.int32)
+        q = (byte >> (4 - 4 * (e & 1)).to(tl.int32)) & 15
+        scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, e // BLOCKSIZE, NESTED)
+        w = tl.where(w_mask, tl.load(code + q) * scale, 0.0).to(A.dtype.element_ty)
+        a_mask = (ms[:, None] < M) & (kk[None, :] < K)
+        a = tl.load(A + ms[:, None].to(tl.int64) * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
+        acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out + ms[None, :].to(tl.int64) * stride_om + rows[:, None]
+    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=(rows[:, None] < N) & (ms[None, :] < M))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def is_word_aligned(B: torch.Tensor, K: int, blocksize: int) -> bool:
+    """Whether the word kernels can read this weight: whole blocks per row, 4-byte aligned bytes."""
+    return K % blocksize == 0 and B.data_ptr() % 4 == 0
+
+
+def fused_path(M: int, B: torch.Tensor, K: int, blocksize: int) -> str:
+    """Which fused kernel :func:`gemm_4bit_fused` uses: ``"gemv"``, ``"dot"`` or ``"generic"``."""
+    if not is_word_aligned(B, K, blocksize):
+        return "generic"
+    return "gemv" if M == 1 else "dot"
+
+
+def _largest_dividing_pow2(K: int, limit: int) -> int:
+    """Largest power of two ``<= limit`` that divides ``K`` (``K`` a multiple of 32)."""
+    block = limit
+    while K % block:
+        block //= 2
+    return block
+
+
+def _gemv_config(N: int, K: int) -> KernelConfig:
+    block_k = _largest_dividing_pow2(K, 512)
+    return KernelConfig(block_n=8, block_k=block_k, num_warps=4)
+
+
+def _dot_config(M: int, N: int, K: int) -> KernelConfig:
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    block_k = _largest_dividing_pow2(K, 256)
+    return KernelConfig(block_n=64, block_k=block_k, num_warps=4, block_m=block_m)
+
+
+def _generic_config(M: int, N: int, K: int) -> KernelConfig:
+    return KernelConfig(block_n=64, block_k=64, num_warps=4, block_m=16 if M <= 16 else 32)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 activations keep fp32 products (the reference's F.linear); 16-bit ones use the MMA.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def gemm_4bit_fused(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    N: int,
+    K: int,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    bias: torch.Tensor | None = None,
+    absmax_8bit: torch.Tensor | None = None,
+    absmax_code: torch.Tensor | None = None,
+    absmax_offset: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    path: str | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """``A [M, K] @ W.T (+ bias)`` into ``out [M, N]`` (A's dtype) with one fused kernel.
+
+    ``B`` holds the packed bytes of ``W [N, K]`` in any storage dtype; ``absmax`` is fp32, per block
+    (or per 256 blocks with ``absmax_8bit``/``absmax_code``/``absmax_offset``); ``code`` is the
+    16-entry fp32 table. Arguments are assumed checked (``ops._checks``). ``path`` and ``config``
+    override the choice of kernel and tiles (tests and benchmarks); by default the kernel comes
+    from :func:`fused_path`. ``out`` must be a contiguous ``[M, N]`` tensor if given.
+    """
+    M = A.shape[0]
+    if out is None:
+        out = torch.empty((M, N), dtype=A.dtype, device=A.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        out.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=A.dtype, device=A.device))
+        return out
+    packed = B.reshape(-1).view(torch.uint8)
+    nested = absmax_8bit is not None
+    dummy = absmax  # pointer for arguments a variant does not read
+    args = (
+        packed,
+        code,
+        absmax,
+        absmax_8bit if nested else dummy,
+        absmax_code if nested else dummy,
+        absmax_offset if nested else dummy,
+        bias if bias is not None else dummy,
+        out,
+    )
+    use_shfl = A.device.type == "cuda" and torch.version.hip is None
+    path = path or fused_path(M, packed, K, blocksize)
+    if path != "generic" and A.stride(1) != 1:
+        A = A.contiguous()
+    common = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None)
+    if path == "gemv":
+        cfg = config or _gemv_config(N, K)
+        grid = (triton.cdiv(N, cfg.block_n) * M,)
+        _gemv_4bit_kernel[grid](
+            A, *args, M, N, K, A.stride(0), out.stride(0), **common,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=use_shfl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif path == "dot":
+        cfg = config or _dot_config(M, N, K)
+        grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m),)
+        _gemm_4bit_dot_kernel[grid](
+            A, *args, M, N, K, A.stride(0), out.stride(0), **common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=use_shfl,
+            DOT_PRECISION=_dot_precision(A.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif path == "generic":
+        cfg = config or _generic_config(M, N, K)
+        grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m),)
+        _gemm_4bit_generic_kernel[grid](
+            A, *args, M, N, K, A.stride(0), A.stride(1), out.stride(0), **common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            DOT_PRECISION=_dot_precision(A.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        raise ValueError(f"path must be 'gemv', 'dot' or 'generic', got {path!r}")
+    return out

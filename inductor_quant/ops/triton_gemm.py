@@ -1,0 +1,127 @@
+"""GPU kernels of ``gemv_4bit`` (+ ``.out``) and ``gemm_4bit``: the fused Triton kernels of
+``inductor_quant.kernels.gemm`` up to ``FUSED_MAX_M`` rows of A, dequantize + ``F.linear``
+(cuBLAS) above it, where the product is compute-bound and the weight is read only once per
+``F.linear`` anyway. Registered for "cuda" and "xpu"; the checks are the CPU kernels' own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.library import register_kernel
+
+from ..code_tables import get_4bit_code
+from ..kernels import gemm as kernels
+from ..reference import fourbit as reference
+from ._checks import check_out
+from .gemm import GEMM_4BIT, GEMV_4BIT, NESTED_BLOCKSIZE, check_gemm_4bit, check_gemv_4bit
+
+DEVICE_TYPES = ("cuda", "xpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16-entry table of ``quant_type`` on ``device``, made once (no copy per call, and none
+    inside a CUDA graph capture after the first eager call)."""
+    return get_4bit_code(quant_type, device)
+
+
+def _has_device_kernel(op: str, device: torch.device) -> bool:
+    key = "CUDA" if device.type == "cuda" else device.type.upper()
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def _dequantized_weight(B, shapeB, absmax, blocksize, quant_type, dtype, absmax_8bit, absmax_code, absmax_offset):
+    """``W [N, K]`` in ``dtype`` through the dequantize ops' device kernels (the pure-torch
+    reference where a device has none registered)."""
+    device = B.device
+    if absmax_8bit is not None:
+        if _has_device_kernel("inductor_quant::dequantize_blockwise", device):
+            absmax = torch.ops.inductor_quant.dequantize_blockwise(
+                absmax_8bit, absmax, absmax_code, NESTED_BLOCKSIZE, torch.float32
+            ) + absmax_offset.float()
+        else:
+            absmax = reference.resolve_absmax(absmax, absmax_8bit, absmax_code, absmax_offset, NESTED_BLOCKSIZE)
+    if _has_device_kernel("inductor_quant::dequantize_4bit", device):
+        return torch.ops.inductor_quant.dequantize_4bit(B, absmax, blocksize, quant_type, list(shapeB), dtype)
+    return reference.dequantize_4bit(B, absmax, blocksize, quant_type, shapeB, dtype)
+
+
+def _rows(A: torch.Tensor) -> int:
+    """Number of rows of A (product of its leading dimensions)."""
+    rows = 1
+    for size in A.shape[:-1]:
+        rows *= size
+    return rows
+
+
+def _as_rows(A: torch.Tensor, K: int) -> torch.Tensor:
+    """A as ``[M, K]`` with unit stride along K (a view when possible)."""
+    A2 = A.reshape(_rows(A), K)
+    return A2 if A2.stride(1) == 1 or A2.shape[0] == 0 else A2.contiguous()
+
+
+def _fused(A, B, shapeB, absmax, code, blocksize, bias=None, absmax_8bit=None, absmax_code=None, absmax_offset=None,
+           out=None):
+    N, K = shapeB
+    A2 = _as_rows(A, K)
+    out2 = out.view(A2.shape[0], N) if out is not None else None
+    result = kernels.gemm_4bit_fused(
+        A2,
+        B.contiguous(),
+        N,
+        K,
+        absmax.contiguous(),
+        code.contiguous(),
+        blocksize,
+        bias.contiguous() if bias is not None else None,
+        absmax_8bit.contiguous() if absmax_8bit is not None else None,
+        absmax_code.contiguous() if absmax_code is not None else None,
+        absmax_offset,
+        out=out2,
+    )
+    return result.view(*A.shape[:-1], N)
+
+
+def _gemv(A, B, shapeB, absmax, code, blocksize, out=None):
+    N, K = shapeB
+    if _rows(A) <= kernels.FUSED_MAX_M or K == 0:
+        return _fused(A, B, shapeB, absmax, code, blocksize, out=out)
+    weight = reference.dequantize_4bit(B, absmax, blocksize, "", shapeB, A.dtype, code=code)
+    result = F.linear(A, weight)
+    if out is not None:
+        out.copy_(result)
+    return result
+
+
+def _gemv_4bit_gpu(A, B, shapeB, absmax, code, blocksize):
+    check_gemv_4bit(A, B, shapeB, absmax, code, blocksize)
+    return _gemv(A, B, shapeB, absmax, code, blocksize)
+
+
+def _gemv_4bit_out_gpu(A, B, shapeB, absmax, code, blocksize, out):
+    check_gemv_4bit(A, B, shapeB, absmax, code, blocksize)
+    check_out(out, [*A.shape[:-1], shapeB[0]], A.dtype, A.device)
+    if out.is_contiguous():
+        _gemv(A, B, shapeB, absmax, code, blocksize, out=out)
+    else:
+        out.copy_(_gemv(A, B, shapeB, absmax, code, blocksize))
+
+
+def _gemm_4bit_gpu(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
+                   absmax_offset=None):
+    check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
+    N, K = shapeB
+    if _rows(A) <= kernels.FUSED_MAX_M or K == 0:
+        code = _code_table(quant_type, A.device)
+        return _fused(A, B, shapeB, absmax, code, blocksize, bias, absmax_8bit, absmax_code, absmax_offset)
+    weight = _dequantized_weight(B, shapeB, absmax, blocksize, quant_type, A.dtype, absmax_8bit, absmax_code,
+                                 absmax_offset)
+    return F.linear(A, weight, bias)
+
+
+register_kernel(GEMV_4BIT, DEVICE_TYPES, _gemv_4bit_gpu)
+register_kernel(f"{GEMV_4BIT}.out", DEVICE_TYPES, _gemv_4bit_out_gpu)
+register_kernel(GEMM_4BIT, DEVICE_TYPES, _gemm_4bit_gpu)
