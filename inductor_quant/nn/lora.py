@@ -37,6 +37,12 @@ class QuantizedLoraLinear(_PeftLoraLinear):
     def lora_variants(self) -> dict[tuple[str, ...], Any]:
         return {(): None}
 
+    def _get_in_out_features(self, module: torch.nn.Module) -> tuple[int, int]:
+        # PEFT's generic lookup warns about unknown layer types; ours carry nn.Linear's attributes.
+        if isinstance(module, (Linear4bit, Linear8bit)):
+            return module.in_features, module.out_features
+        return super()._get_in_out_features(module)
+
     def _merged_base_weight(self, adapter: str, sign: float) -> torch.Tensor:
         base = self.get_base_layer()
         delta = self.get_delta_weight(adapter).to(device=base.weight.device, dtype=torch.float32)

@@ -29,8 +29,11 @@ def _gemm_4bit_setup_context(ctx, inputs, output) -> None:
 
 def _gemm_4bit_backward(ctx, grad_out: torch.Tensor):
     B, absmax, absmax_8bit, absmax_code, absmax_offset = ctx.saved_tensors
-    grad_A = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    # The dispatcher drops trailing arguments equal to their defaults (bias=None, ...), so the
+    # gradient tuple has one entry per argument actually passed.
+    needs_grad = ctx.needs_input_grad
+    grads: list[torch.Tensor | None] = [None] * len(needs_grad)
+    if needs_grad[0]:
         scales = absmax
         if absmax_8bit is not None:
             scales = torch.ops.inductor_quant.dequantize_blockwise(
@@ -39,10 +42,10 @@ def _gemm_4bit_backward(ctx, grad_out: torch.Tensor):
         weight = torch.ops.inductor_quant.dequantize_4bit(
             B, scales, ctx.blocksize, ctx.quant_type, ctx.shapeB, grad_out.dtype
         )
-        grad_A = torch.matmul(grad_out, weight)
-    if ctx.needs_input_grad[6]:
-        grad_bias = grad_out.reshape(-1, ctx.shapeB[0]).sum(0)
-    return grad_A, None, None, None, None, None, grad_bias, None, None, None
+        grads[0] = torch.matmul(grad_out, weight)
+    if len(needs_grad) > 6 and needs_grad[6]:
+        grads[6] = grad_out.reshape(-1, ctx.shapeB[0]).sum(0)
+    return tuple(grads)
 
 
 torch.library.register_autograd(GEMM_4BIT, _gemm_4bit_backward, setup_context=_gemm_4bit_setup_context)
