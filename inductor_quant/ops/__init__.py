@@ -8,3 +8,4 @@ from . import blockwise, fourbit, gemm, optim  # noqa: F401  (registration side 
 from . import optim_functional  # noqa: F401  (functional optimizer steps for compiled graphs)
 from . import autograd  # noqa: F401  (QLoRA backward of gemm_4bit)
 from . import triton_gemm  # noqa: F401  (Triton GPU kernels of gemv_4bit / gemm_4bit)
+from . import triton_quant  # noqa: F401  (Triton GPU kernels of the quantize / dequantize ops)

@@ -1,0 +1,336 @@
+"""Triton kernels for 8-bit blockwise quantization with a 256-entry code map, and their launchers.
+
+Numerics are those of ``inductor_quant.reference.blockwise`` (bit-exact): fp32 block absmax
+(NaN propagates), ``xn = x * div_rn(1, absmax)`` (an IEEE reciprocal, then one multiply; Triton's
+``/`` is an approximate division on NVIDIA GPUs), NaN ``xn`` taken as 0.0, nearest code with ties to
+the lower entry (= the number of fp32 midpoints strictly below ``xn``), and dequantization as one
+fp32 multiply ``code[q] * absmax`` rounded once to the output dtype.
+
+Nearest-code search. The map is an input (any sorted 256-entry table), so nothing about it is
+hard-coded; each program derives two small tables from it once, in registers:
+
+* ``mid``: the 255 fp32 midpoints ``(code[i] + code[i + 1]) * 0.5``, padded with ``+inf``;
+* ``first``: a bucket table. A value's bucket is its fp32 bit pattern made order-preserving
+  (``bits ^ ((bits >> 31) & 0x7FFFFFFF)``), shifted right by ``KEY_SHIFT`` and clamped to
+  ``[0, BUCKETS)``: a monotone function of the value, ``2**(23 - KEY_SHIFT)`` buckets per octave.
+  ``first[b]`` is the number of midpoints whose bucket is below ``b`` (a histogram of the midpoints'
+  buckets, exclusive-scanned).
+
+Because the bucket function is monotone, a value in bucket ``b`` lies above every midpoint of a lower
+bucket and below every midpoint of a higher one, so its code is ``first[b]`` plus the number of
+midpoints *of its own bucket* below it: ``first[b] + sum_j (xn > mid[first[b] + j])`` for ``j`` up to
+the fullest bucket's count (``PROBES`` unrolled steps, then a run-time loop for any remainder). The
+probes are independent lookups, not a dependent chain: for the dynamic map and ``KEY_SHIFT=19`` the
+fullest bucket holds 3 midpoints (5 for the unsigned map), so an element costs 1 + 3 table lookups
+instead of the 8 dependent lookups of a binary search. ``SEARCH="bsearch"`` keeps that binary search
+(for comparison in the benchmark). Lookups use ``tl.gather`` on register tables, which Triton serves
+from shared memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "block_absmax",
+    "normalize_blocks",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "QuantizeBlockwiseConfig",
+    "DequantizeBlockwiseConfig",
+]
+
+CODE_ENTRIES = tl.constexpr(256)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers (also used by the 4-bit kernels)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def block_absmax(x):
+    """fp32 ``max |x|`` of each row of a ``[ROWS, BLOCKSIZE]`` fp32 tile; NaN propagates.
+
+    The maximum is taken over the bit patterns of ``|x|`` as int32, where NaN > Inf > finite:
+    ``tl.max`` on floats drops NaN (``max.f32`` on the GPU, ``nanmax`` in the interpreter)."""
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.max(bits, 1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def normalize_blocks(x, absmax):
+    """``x * div_rn(1, absmax)`` per row, with NaN results taken as 0.0 (reference rule)."""
+    inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax)
+    xn = x * inv[:, None]
+    return tl.where(xn != xn, 0.0, xn)
+
+
+@triton.jit
+def _bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
+    """Monotone bucket of fp32 values: order-preserving bit key >> KEY_SHIFT, clamped."""
+    bits = v.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return tl.minimum(tl.maximum((key >> KEY_SHIFT) + BUCKETS // 2, 0), BUCKETS - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_blockwise_kernel(
+    x_ptr,
+    code_ptr,
+    q_ptr,
+    absmax_ptr,
+    n,
+    num_tiles,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    SEARCH: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    BUCKETS: tl.constexpr,
+    PROBES: tl.constexpr,
+):
+    TILE: tl.constexpr = ROWS * BLOCKSIZE
+    # Midpoint table, padded with +inf to 2 * 256 entries so that probes past the end need no clamp.
+    i = tl.arange(0, 2 * CODE_ENTRIES)
+    lo = tl.load(code_ptr + i, mask=i < CODE_ENTRIES, other=float("inf"))
+    hi = tl.load(code_ptr + i + 1, mask=i < CODE_ENTRIES - 1, other=float("inf"))
+    mid = (lo + hi) * 0.5
+    mid = tl.where(mid == 0.0, 0.0, mid)  # -0.0 -> +0.0 so that bucket order equals value order
+    if SEARCH == "bucket":
+        j = tl.arange(0, CODE_ENTRIES)
+        lo_j = tl.load(code_ptr + j)
+        hi_j = tl.load(code_ptr + j + 1, mask=j < CODE_ENTRIES - 1, other=float("inf"))
+        mid_j = (lo_j + hi_j) * 0.5
+        mid_j = tl.where(mid_j == 0.0, 0.0, mid_j)
+        counts = tl.histogram(_bucket(mid_j, KEY_SHIFT, BUCKETS), BUCKETS)
+        first = tl.cumsum(counts, 0) - counts
+        fullest = tl.max(counts, 0)
+
+    rows = tl.arange(0, ROWS)
+    offs = tl.arange(0, TILE)
+    # int64 tile index: offsets may exceed 2**31.
+    for tile in range(tl.program_id(0).to(tl.int64), num_tiles, tl.num_programs(0)):
+        start = tile * TILE
+        remaining = tl.minimum(n - start, TILE).to(tl.int32)
+        x = tl.load(x_ptr + start + offs, mask=offs < remaining, other=0.0).to(tl.float32)
+        x = tl.reshape(x, [ROWS, BLOCKSIZE])
+        absmax = block_absmax(x)
+        block_limit = (remaining + BLOCKSIZE - 1) // BLOCKSIZE
+        tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < block_limit)
+        xn = tl.reshape(normalize_blocks(x, absmax), [TILE])
+        if SEARCH == "bucket":
+            base = tl.gather(first, _bucket(xn, KEY_SHIFT, BUCKETS), 0)
+            q = base
+            for p in tl.static_range(PROBES):
+                q += (xn > tl.gather(mid, base + p, 0)).to(tl.int32)
+            for p in range(PROBES, fullest):
+                q += (xn > tl.gather(mid, tl.minimum(base + p, 2 * CODE_ENTRIES - 1), 0)).to(tl.int32)
+        else:
+            q = tl.zeros([TILE], tl.int32)
+            for level in tl.static_range(8):
+                q += tl.where(xn > tl.gather(mid, q + ((128 >> level) - 1), 0), 128 >> level, 0)
+        tl.store(q_ptr + start + offs, q.to(tl.uint8), mask=offs < remaining)
+
+
+@triton.jit
+def _dequantize_blockwise_kernel(
+    q_ptr,
+    absmax_ptr,
+    code_ptr,
+    out_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    SMEM_LUT: tl.constexpr,
+):
+    TILE: tl.constexpr = ROWS * BLOCKSIZE
+    tile = tl.program_id(0).to(tl.int64)
+    start = tile * TILE
+    remaining = tl.minimum(n - start, TILE).to(tl.int32)
+    offs = tl.arange(0, TILE)
+    rows = tl.arange(0, ROWS)
+    mask = offs < remaining
+    q = tl.load(q_ptr + start + offs, mask=mask, other=0).to(tl.int32)
+    if SMEM_LUT:
+        table = tl.load(code_ptr + tl.arange(0, CODE_ENTRIES))
+        values = tl.gather(table, q, 0)
+    else:
+        values = tl.load(code_ptr + q)
+    block_limit = (remaining + BLOCKSIZE - 1) // BLOCKSIZE
+    absmax = tl.load(absmax_ptr + tile * ROWS + rows, mask=rows < block_limit, other=0.0)
+    out = tl.reshape(tl.reshape(values, [ROWS, BLOCKSIZE]) * absmax[:, None], [TILE])
+    tl.store(out_ptr + start + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+
+class QuantizeBlockwiseConfig:
+    """Launch parameters of the 8-bit quantize kernel.
+
+    ``tile``: elements per loop iteration (rounded up to one block); ``programs_per_sm``: the grid
+    is persistent, ``programs_per_sm * SMs`` programs (each derives the search tables once);
+    ``search``: "bucket" or "bsearch"; ``key_shift``/``buckets``/``probes``: bucket table shape.
+    """
+
+    def __init__(
+        self,
+        tile: int = 8192,
+        num_warps: int = 8,
+        programs_per_sm: int = 2,
+        search: str = "bucket",
+        key_shift: int = 19,
+        buckets: int = 4096,
+        probes: int = 3,
+    ) -> None:
+        if search not in ("bucket", "bsearch"):
+            raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
+        # The clamped bucket range must cover [-1, 1] (keys of +-1.0 are +-0x3F800000).
+        if buckets // 2 <= 0x3F800000 >> key_shift:
+            raise ValueError(f"buckets={buckets} too few for key_shift={key_shift}")
+        self.tile = tile
+        self.num_warps = num_warps
+        self.programs_per_sm = programs_per_sm
+        self.search = search
+        self.key_shift = key_shift
+        self.buckets = buckets
+        self.probes = probes
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizeBlockwiseConfig(tile={self.tile}, num_warps={self.num_warps}, "
+            f"programs_per_sm={self.programs_per_sm}, search={self.search!r}, key_shift={self.key_shift}, "
+            f"buckets={self.buckets}, probes={self.probes})"
+        )
+
+
+class DequantizeBlockwiseConfig:
+    """Launch parameters of the 8-bit dequantize kernel: elements per program, warps, and whether
+    the code lookup goes through shared memory (``tl.gather``) or global memory (L1)."""
+
+    def __init__(self, tile: int = 4096, num_warps: int = 4, smem_lut: bool = True) -> None:
+        self.tile = tile
+        self.num_warps = num_warps
+        self.smem_lut = smem_lut
+
+    def __repr__(self) -> str:
+        return f"DequantizeBlockwiseConfig(tile={self.tile}, num_warps={self.num_warps}, smem_lut={self.smem_lut})"
+
+
+# The Triton interpreter runs programs one after another: few, large programs keep CPU tests fast.
+_INTERPRETER_TILE = 1 << 16
+
+
+def _is_interpreted(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (or the device's equivalent) of ``device``; 1 on CPU."""
+    if device.type == "cpu":
+        return 1
+    return torch.get_device_module(device).get_device_properties(device).multi_processor_count
+
+
+def device_guard(t: torch.Tensor):
+    """Context manager that makes ``t``'s device current, so the launch goes to it."""
+    if t.device.type == "cpu":
+        return contextlib.nullcontext()
+    return torch.get_device_module(t.device).device(t.device)
+
+
+def _check_flat_output(out: torch.Tensor, name: str, numel: int, dtype: torch.dtype, like: torch.Tensor) -> None:
+    if not (out.is_contiguous() and out.numel() == numel and out.dtype == dtype and out.device == like.device):
+        raise ValueError(
+            f"{name} must be a contiguous {dtype} tensor of {numel} elements on {like.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_blockwise(
+    A: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out: torch.Tensor,
+    absmax: torch.Tensor,
+    config: QuantizeBlockwiseConfig | None = None,
+) -> None:
+    """Quantize ``A`` (any float dtype, any strides) into ``out`` (uint8, A.numel() elements) and
+    ``absmax`` (fp32, one per block) with the 256-entry sorted table ``code`` (fp32)."""
+    n = A.numel()
+    _check_flat_output(out, "out", n, torch.uint8, A)
+    _check_flat_output(absmax, "absmax", -(-n // blocksize), torch.float32, A)
+    if n == 0:
+        return
+    A = A.contiguous()
+    code = code.contiguous()
+    config = config or QuantizeBlockwiseConfig()
+    tile = max(_INTERPRETER_TILE if _is_interpreted(A) else config.tile, blocksize)
+    num_tiles = triton.cdiv(n, tile)
+    grid = (min(num_tiles, config.programs_per_sm * num_sms(A.device)),)
+    with device_guard(A):
+        _quantize_blockwise_kernel[grid](
+            A,
+            code,
+            out,
+            absmax,
+            n,
+            num_tiles,
+            BLOCKSIZE=blocksize,
+            ROWS=tile // blocksize,
+            SEARCH=config.search,
+            KEY_SHIFT=config.key_shift,
+            BUCKETS=config.buckets,
+            PROBES=config.probes,
+            num_warps=config.num_warps,
+        )
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out: torch.Tensor,
+    config: DequantizeBlockwiseConfig | None = None,
+) -> None:
+    """``out = out.dtype(code[A] * absmax[block])`` for uint8 codes ``A``; ``out`` is contiguous
+    with A.numel() elements of fp32/fp16/bf16."""
+    n = A.numel()
+    _check_flat_output(out, "out", n, out.dtype, A)
+    if n == 0:
+        return
+    A = A.contiguous()
+    absmax = absmax.contiguous()
+    code = code.contiguous()
+    config = config or DequantizeBlockwiseConfig()
+    tile = max(_INTERPRETER_TILE if _is_interpreted(A) else config.tile, blocksize)
+    grid = (triton.cdiv(n, tile),)
+    with device_guard(A):
+        _dequantize_blockwise_kernel[grid](
+            A,
+            absmax,
+            code,
+            out,
+            n,
+            BLOCKSIZE=blocksize,
+            ROWS=tile // blocksize,
+            SMEM_LUT=config.smem_lut,
+            num_warps=config.num_warps,
+        )

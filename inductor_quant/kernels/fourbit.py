@@ -1,0 +1,287 @@
+"""Triton kernels for 4-bit NF4/FP4 blockwise quantization, and their launchers.
+
+Numerics and layout are those of ``inductor_quant.reference.fourbit`` (bit-exact): fp32 block absmax
+(NaN propagates), ``xn = x * div_rn(1, absmax)`` with NaN taken as 0.0, element ``2i`` in the high
+nibble of byte ``i``, an odd tail padded with the code of 0.0, dequantization as one fp32 multiply
+``code[q] * absmax`` rounded once to the output dtype.
+
+Code selection without a comparison tree. NF4 picks the number of fp32 midpoints strictly below
+``xn``; FP4 the number of bitsandbytes' literal thresholds strictly below ``|xn|`` (then maps that
+rank to its code bits and adds the sign bit for ``xn < 0``). In both tables adjacent thresholds are
+more than 1/16 apart, so the monotone bucket ``b = trunc(clamp(v * 16 + 16, 0, 31))`` (``v`` = xn
+for NF4, ``|xn|`` for FP4; ``v * 16`` is exact, so a fused multiply-add gives the same bucket) holds
+at most one threshold. A 32-entry table gives per bucket that threshold (or +inf) and the codes
+below and above it: ``q = v > thr[b] ? above[b] : below[b]``, two lookups in one 128-byte line
+instead of four dependent comparisons. The tables are built on the host from
+``code_tables`` (:func:`bucket_table`) with the same fp32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..code_tables import FP4_RANK_TO_CODE, FP4_THRESHOLDS, code_midpoints, get_4bit_code
+from .blockwise import block_absmax, device_guard, normalize_blocks
+
+__all__ = [
+    "BUCKETS",
+    "bucket_of",
+    "bucket_table",
+    "code_table",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "Quantize4bitConfig",
+    "Dequantize4bitConfig",
+]
+
+BUCKETS = 32
+
+
+def bucket_of(v: torch.Tensor) -> torch.Tensor:
+    """Host version of the kernel's bucket function (fp32 in, int64 bucket out)."""
+    return (v.float() * 16.0 + 16.0).clamp(0.0, BUCKETS - 1).to(torch.int64)
+
+
+def _thresholds(quant_type: str) -> tuple[torch.Tensor, list[int]]:
+    """Ascending fp32 decision thresholds and the code of each rank (0..len(thresholds))."""
+    if quant_type == "nf4":
+        return code_midpoints(get_4bit_code("nf4")), list(range(16))
+    return torch.tensor(FP4_THRESHOLDS, dtype=torch.float32), list(FP4_RANK_TO_CODE)
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_table_cpu(quant_type: str) -> torch.Tensor:
+    thresholds, rank_code = _thresholds(quant_type)
+    buckets = bucket_of(thresholds)
+    if buckets.unique().numel() != buckets.numel():
+        raise AssertionError(f"{quant_type}: two thresholds share a bucket; the kernel needs at most one")
+    thr = torch.full((BUCKETS,), float("inf"), dtype=torch.float32)
+    codes = torch.zeros(BUCKETS, dtype=torch.int32)
+    for b in range(BUCKETS):
+        below = int((buckets < b).sum())  # thresholds below any value of bucket b
+        inside = (buckets == b).nonzero().flatten()
+        above = below
+        if inside.numel():
+            thr[b] = thresholds[inside[0]]
+            above = below + 1
+        codes[b] = rank_code[below] | (rank_code[above] << 4)
+    return torch.cat([thr.view(torch.int32), codes])
+
+
+def bucket_table(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """int32 ``[64]``: fp32 bits of the per-bucket threshold (+inf if none) in ``[0, 32)``, then
+    ``below | above << 4`` (the 4-bit codes on either side of it) in ``[32, 64)``."""
+    return _bucket_table_cpu(quant_type).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return bucket_table(quant_type, device), get_4bit_code(quant_type, device)
+
+
+def code_table(quant_type: str, device: torch.device | str) -> torch.Tensor:
+    """The 16-entry fp32 table of ``quant_type`` on ``device`` (cached; do not modify)."""
+    return _device_tables(quant_type, torch.device(device))[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_4bit_kernel(
+    x_ptr,
+    table_ptr,
+    packed_ptr,
+    absmax_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    FP4: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    tile = tl.program_id(0).to(tl.int64)
+    start = tile * (ROWS * BLOCKSIZE)
+    remaining = tl.minimum(n - start, ROWS * BLOCKSIZE).to(tl.int32)
+    rows = tl.arange(0, ROWS)
+    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    x = tl.load(x_ptr + start + offs, mask=offs < remaining, other=0.0).to(tl.float32)
+    absmax = block_absmax(x)
+    tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
+    xn = normalize_blocks(x, absmax)
+    if FP4:
+        v = tl.abs(xn)
+    else:
+        v = xn
+    bucket = tl.minimum(tl.maximum(v * 16.0 + 16.0, 0.0), 31.0).to(tl.int32)
+    thr = tl.load(table_ptr + bucket).to(tl.float32, bitcast=True)
+    pair = tl.load(table_ptr + 32 + bucket)
+    q = tl.where(v > thr, pair >> 4, pair & 15)
+    if FP4:
+        q = q | tl.where(xn < 0.0, 8, 0)
+    hi, lo = tl.split(tl.reshape(q, [ROWS, HALF, 2]))
+    packed = ((hi << 4) | lo).to(tl.uint8)
+    byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte_limit = (remaining + 1) // 2
+    tl.store(packed_ptr + tile * (ROWS * HALF) + byte_offs, packed, mask=byte_offs < byte_limit)
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    out_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    TILE_BYTES: tl.constexpr,
+    SMEM_LUT: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    tile = tl.program_id(0).to(tl.int64)
+    remaining = tl.minimum(n - tile * (2 * TILE_BYTES), 2 * TILE_BYTES).to(tl.int32)
+    byte_offs = tl.arange(0, TILE_BYTES)
+    packed = tl.load(packed_ptr + tile * TILE_BYTES + byte_offs, mask=byte_offs < (remaining + 1) // 2, other=0)
+    packed = packed.to(tl.int32)
+    ROWS: tl.constexpr = TILE_BYTES // HALF
+    rows = tl.arange(0, ROWS)
+    absmax = tl.load(
+        absmax_ptr + tile * ROWS + rows, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE, other=0.0
+    )
+    absmax = tl.reshape(tl.broadcast_to(absmax[:, None], [ROWS, HALF]), [TILE_BYTES])
+    if SMEM_LUT:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        hi = tl.gather(table, packed >> 4, 0)
+        lo = tl.gather(table, packed & 15, 0)
+    else:
+        hi = tl.load(code_ptr + (packed >> 4))
+        lo = tl.load(code_ptr + (packed & 15))
+    out = tl.interleave(hi * absmax, lo * absmax).to(out_ptr.dtype.element_ty)
+    offs = tl.arange(0, 2 * TILE_BYTES)
+    tl.store(out_ptr + tile * (2 * TILE_BYTES) + offs, out, mask=offs < remaining)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+
+class Quantize4bitConfig:
+    """Launch parameters of the 4-bit quantize kernel: input elements per program, warps."""
+
+    def __init__(self, tile: int = 4096, num_warps: int = 4) -> None:
+        self.tile = tile
+        self.num_warps = num_warps
+
+    def __repr__(self) -> str:
+        return f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps})"
+
+
+class Dequantize4bitConfig:
+    """Launch parameters of the 4-bit dequantize kernel: output elements per program, warps, and
+    whether the 16-entry code lookup goes through shared memory (``tl.gather``) or L1."""
+
+    def __init__(self, tile: int = 8192, num_warps: int = 4, smem_lut: bool = False) -> None:
+        self.tile = tile
+        self.num_warps = num_warps
+        self.smem_lut = smem_lut
+
+    def __repr__(self) -> str:
+        return f"Dequantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_lut={self.smem_lut})"
+
+
+_INTERPRETER_TILE = 1 << 16
+
+
+def _tile(t: torch.Tensor, tile: int, blocksize: int) -> int:
+    return max(_INTERPRETER_TILE if t.device.type == "cpu" else tile, blocksize)
+
+
+def _byte_view(t: torch.Tensor, name: str, nbytes: int) -> torch.Tensor:
+    """Flat uint8 view of the contiguous storage tensor ``t`` (any quant_storage dtype)."""
+    if not t.is_contiguous() or t.numel() * t.element_size() != nbytes:
+        raise ValueError(
+            f"{name} must be contiguous and hold {nbytes} bytes, got {tuple(t.shape)} {t.dtype} "
+            f"(contiguous={t.is_contiguous()})"
+        )
+    return t.reshape(-1).view(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    config: Quantize4bitConfig | None = None,
+) -> None:
+    """Quantize ``A`` (any float dtype, any strides) to 4-bit codes: ``packed`` (contiguous, any
+    storage dtype, ``(n + 1) // 2`` bytes) and ``absmax`` (fp32, one per block)."""
+    n = A.numel()
+    out_bytes = _byte_view(packed, "packed", (n + 1) // 2)
+    if not (absmax.is_contiguous() and absmax.dtype == torch.float32 and absmax.numel() == -(-n // blocksize)):
+        raise ValueError(f"absmax must be a contiguous fp32 tensor of {-(-n // blocksize)} elements")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if n == 0:
+        return
+    A = A.contiguous()
+    config = config or Quantize4bitConfig()
+    tile = _tile(A, config.tile, blocksize)
+    table, _ = _device_tables(quant_type, A.device)
+    with device_guard(A):
+        _quantize_4bit_kernel[(triton.cdiv(n, tile),)](
+            A,
+            table,
+            out_bytes,
+            absmax,
+            n,
+            BLOCKSIZE=blocksize,
+            ROWS=tile // blocksize,
+            FP4=quant_type == "fp4",
+            num_warps=config.num_warps,
+        )
+
+
+def dequantize_4bit(
+    A: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    code: torch.Tensor,
+    out: torch.Tensor,
+    config: Dequantize4bitConfig | None = None,
+) -> None:
+    """``out = out.dtype(code[q] * absmax[block])`` for the 4-bit codes packed in ``A`` (any
+    storage dtype); ``code`` is the 16-entry fp32 table, ``out`` contiguous with n elements."""
+    n = out.numel()
+    packed = _byte_view(A.contiguous(), "A", (n + 1) // 2)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if n == 0:
+        return
+    absmax = absmax.contiguous()
+    code = code.contiguous()
+    config = config or Dequantize4bitConfig()
+    tile = _tile(out, config.tile, blocksize)
+    with device_guard(out):
+        _dequantize_4bit_kernel[(triton.cdiv(n, tile),)](
+            packed,
+            absmax,
+            code,
+            out,
+            n,
+            BLOCKSIZE=blocksize,
+            TILE_BYTES=tile // 2,
+            SMEM_LUT=config.smem_lut,
+            num_warps=config.num_warps,
+        )

@@ -1,0 +1,434 @@
+"""Triton quantize / dequantize kernels (``inductor_quant.kernels.blockwise`` / ``.fourbit``) and
+their GPU op registrations (``inductor_quant.ops.triton_quant``).
+
+CPU: the launchers run under the Triton interpreter (conftest sets TRITON_INTERPRET) on CPU tensors
+and must equal the pure-torch reference bit for bit: codes, absmax (NaN where the reference has
+NaN) and dequantized values. The interpreter truncates fp32 -> bf16 instead of rounding, so bf16
+outputs are compared with the reference's fp32 values truncated the same way (exact otherwise).
+Outputs are views into poisoned buffers with guard bytes on both sides.
+
+GPU (skipped without CUDA): the registered ops at real sizes against the reference, 4-bit bytes
+against bitsandbytes' CUDA kernels, and a dequantize with more than 2**31 output elements.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from inductor_quant.code_tables import code_midpoints, dynamic_map, get_4bit_code
+from inductor_quant.kernels import blockwise as k8
+from inductor_quant.kernels import fourbit as k4
+from inductor_quant.reference import blockwise as ref8
+from inductor_quant.reference import fourbit as ref4
+
+from conftest import HAS_CUDA, requires_cuda
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+GUARD = 64
+POISON = 0x5A
+# Zero and non-finite blocks divide by zero / multiply inf by 0 on purpose (numpy warns under the interpreter).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:divide by zero:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+)
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+class Guarded:
+    """A contiguous output view of ``numel`` elements inside a poisoned byte buffer with guards."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device="cpu", shape=None):
+        size = torch.empty((), dtype=dtype).element_size()
+        self.buffer = torch.full((2 * GUARD + numel * size,), POISON, dtype=torch.uint8, device=device)
+        self.view = self.buffer[GUARD : GUARD + numel * size].view(dtype)
+        if shape is not None:
+            self.view = self.view.view(shape)
+
+    def check_guards(self) -> None:
+        assert (self.buffer[:GUARD] == POISON).all(), "kernel wrote before its output"
+        assert (self.buffer[-GUARD:] == POISON).all(), "kernel wrote past its output"
+
+
+def truncate_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 by dropping the low 16 bits, as the Triton interpreter converts."""
+    return (x.float().view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+
+
+def expected_cast(values_fp32: torch.Tensor, dtype: torch.dtype, device_type: str) -> torch.Tensor:
+    """The reference's fp32 values in ``dtype`` as the kernel's conversion produces them."""
+    if dtype == torch.bfloat16 and device_type == "cpu":
+        return truncate_to_bf16(values_fp32)
+    return values_fp32.to(dtype)
+
+
+def assert_same(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bitwise equality, with any NaN equal to any NaN."""
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    nan_out, nan_exp = torch.isnan(out), torch.isnan(expected)
+    assert torch.equal(nan_out, nan_exp), f"NaN positions differ ({(nan_out != nan_exp).sum()} elements)"
+    a = torch.where(nan_out, 0, out)
+    b = torch.where(nan_exp, 0, expected)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[out.element_size()]
+    mismatch = (a.view(bits) != b.view(bits)).nonzero().flatten()
+    assert mismatch.numel() == 0, (
+        f"{mismatch.numel()} of {out.numel()} elements differ; first at {mismatch[:5].tolist()}: "
+        f"{a.flatten()[mismatch[:5]].tolist()} vs {b.flatten()[mismatch[:5]].tolist()}"
+    )
+
+
+def random_input(n: int, dtype: torch.dtype, blocksize: int, specials: bool, device="cpu", scale=3.0) -> torch.Tensor:
+    """Normal values with a random per-block scale; optionally a zero block, a NaN and an Inf block."""
+    blocks = -(-n // blocksize)
+    x = torch.randn(n, device=device) * scale
+    x *= torch.exp2(torch.randint(-6, 6, (blocks,), device=device).float()).repeat_interleave(blocksize)[:n]
+    if specials and blocks >= 4:
+        x[:blocksize] = 0.0
+        x[blocksize + 1] = float("nan")
+        x[2 * blocksize + 3] = float("inf")
+        x[2 * blocksize + 4] = -float("inf")
+    return x.to(dtype)
+
+
+def run_quantize_blockwise(A, code, blocksize, config=None):
+    n = A.numel()
+    q = Guarded(n, torch.uint8, A.device)
+    absmax = Guarded(-(-n // blocksize), torch.float32, A.device)
+    k8.quantize_blockwise(A, code, blocksize, q.view, absmax.view, config)
+    q.check_guards()
+    absmax.check_guards()
+    return q.view.view(A.shape), absmax.view
+
+
+def check_quantize_blockwise(A, code, blocksize, config=None):
+    q, absmax = run_quantize_blockwise(A, code, blocksize, config)
+    ref_q, ref_absmax = ref8.quantize_blockwise(A, code, blocksize)
+    assert_same(absmax, ref_absmax)
+    assert_same(q, ref_q)
+    return ref_q, ref_absmax
+
+
+def check_dequantize_blockwise(q, absmax, code, blocksize, dtype):
+    out = Guarded(q.numel(), dtype, q.device)
+    k8.dequantize_blockwise(q, absmax, code, blocksize, out.view)
+    out.check_guards()
+    expected = ref8.dequantize_blockwise(q, absmax, code, blocksize, torch.float32).reshape(-1)
+    assert_same(out.view, expected_cast(expected, dtype, q.device.type))
+
+
+def check_quantize_4bit(A, blocksize, quant_type, storage=torch.uint8):
+    n = A.numel()
+    packed = Guarded((n + 1) // (2 * storage.itemsize), storage, A.device, shape=((n + 1) // (2 * storage.itemsize), 1))
+    absmax = Guarded(-(-n // blocksize), torch.float32, A.device)
+    k4.quantize_4bit(A, blocksize, quant_type, packed.view, absmax.view)
+    packed.check_guards()
+    absmax.check_guards()
+    ref_packed, ref_absmax = ref4.quantize_4bit(A, blocksize, quant_type, storage)
+    assert_same(absmax.view, ref_absmax)
+    assert_same(packed.view.view(torch.uint8), ref_packed.view(torch.uint8))
+    return ref_packed, ref_absmax
+
+
+def check_dequantize_4bit(packed, absmax, blocksize, quant_type, n, dtype):
+    out = Guarded(n, dtype, packed.device)
+    k4.dequantize_4bit(packed, absmax, blocksize, k4.code_table(quant_type, packed.device), out.view)
+    out.check_guards()
+    expected = ref4.dequantize_4bit(packed, absmax, blocksize, quant_type, (n,), torch.float32)
+    assert_same(out.view, expected_cast(expected, dtype, packed.device.type))
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: Triton interpreter against the reference
+# ----------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    n=st.integers(1, 40_000),
+    blocksize=st.sampled_from(BLOCKSIZES),
+    dtype=st.sampled_from(FLOATS),
+    out_dtype=st.sampled_from(FLOATS),
+    signed=st.booleans(),
+    search=st.sampled_from(("bucket", "bsearch")),
+    specials=st.booleans(),
+)
+def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, signed, search, specials):
+    code = dynamic_map(signed)
+    A = random_input(n, dtype, blocksize, specials)
+    if not signed:
+        A = A.abs()
+    q, absmax = check_quantize_blockwise(A, code, blocksize, k8.QuantizeBlockwiseConfig(search=search))
+    check_dequantize_blockwise(q, absmax, code, blocksize, out_dtype)
+
+
+@SETTINGS
+@given(
+    n=st.integers(1, 40_000),
+    blocksize=st.sampled_from(BLOCKSIZES),
+    dtype=st.sampled_from(FLOATS),
+    out_dtype=st.sampled_from(FLOATS),
+    quant_type=st.sampled_from(("nf4", "fp4")),
+    specials=st.booleans(),
+)
+def test_4bit_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, quant_type, specials):
+    A = random_input(n, dtype, blocksize, specials)
+    packed, absmax = check_quantize_4bit(A, blocksize, quant_type)
+    check_dequantize_4bit(packed, absmax, blocksize, quant_type, n, out_dtype)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_bucket_table_equals_threshold_count(quant_type):
+    """The kernel's bucket lookup, emulated in torch, equals the reference on every threshold,
+    its fp32 neighbours, and a dense sweep of [-1.01, 1.01] (strict '>' at the thresholds)."""
+    table = k4.bucket_table(quant_type)
+    thr, pairs = table[:32].view(torch.float32), table[32:]
+    if quant_type == "nf4":
+        thresholds = code_midpoints(get_4bit_code("nf4"))
+    else:
+        from inductor_quant.code_tables import FP4_THRESHOLDS
+
+        thresholds = torch.tensor(FP4_THRESHOLDS)
+        thresholds = torch.cat([thresholds, -thresholds])
+    values = torch.cat(
+        [
+            thresholds,
+            torch.nextafter(thresholds, torch.tensor(2.0)),
+            torch.nextafter(thresholds, torch.tensor(-2.0)),
+            torch.linspace(-1.01, 1.01, 200_001),
+            torch.tensor([0.0, -0.0, 1.0, -1.0]),
+        ]
+    )
+    v = values.abs() if quant_type == "fp4" else values
+    b = k4.bucket_of(v)
+    q = torch.where(v > thr[b], pairs[b] >> 4, pairs[b] & 15)
+    if quant_type == "fp4":
+        q = q | torch.where(values < 0, 8, 0)
+    assert torch.equal(q.long(), ref4.quantize_4bit_codes(values, quant_type))
+
+
+@pytest.mark.parametrize("search", ["bucket", "bsearch"])
+def test_blockwise_arbitrary_tables(search):
+    """Any sorted 256-entry table: one whose midpoints crowd into a single bucket (the run-time
+    probe loop), one with repeated entries and signed zeros, and a uniform one."""
+    crowded = torch.sort(0.5 + 0.01 * torch.rand(256))[0]
+    crowded[0], crowded[-1] = -1.0, 1.0
+    repeated = torch.sort(torch.cat([torch.full((100,), -0.0), torch.full((56,), 0.0), torch.randn(100).tanh()]))[0]
+    uniform = torch.linspace(-1, 1, 256)
+    for code in (crowded, repeated, uniform):
+        A = torch.cat([torch.randn(30_000), 0.5 + 0.01 * torch.rand(10_000), torch.zeros(64), -torch.zeros(64)])
+        check_quantize_blockwise(A, code, 256, k8.QuantizeBlockwiseConfig(search=search))
+
+
+def test_blockwise_exact_codes_and_midpoints():
+    """Every code value maps to itself; every exact midpoint maps to the lower code."""
+    code = dynamic_map()
+    mids = code_midpoints(code)
+    A = torch.stack([torch.cat([code, mids]), torch.full((511,), 1.0)], 1).reshape(-1)  # absmax 1 per block of 2
+    q, _ = check_quantize_blockwise(A, code, 32)
+    q = q.view(-1, 2)[:, 0].long()
+    assert torch.equal(q[:256], torch.arange(256))
+    assert torch.equal(q[256:], torch.arange(255))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_noncontiguous_inputs(dtype):
+    A = random_input(96 * 130, dtype, 64, True).view(96, 130).t()
+    assert not A.is_contiguous()
+    q, absmax = check_quantize_blockwise(A, dynamic_map(), 64)
+    check_dequantize_blockwise(q.t(), absmax, dynamic_map(), 64, dtype)
+    packed, absmax4 = check_quantize_4bit(A, 64, "nf4")
+    packed_nc = torch.stack([packed.flatten(), packed.flatten()], 1)[:, 0]
+    assert not packed_nc.is_contiguous()
+    check_dequantize_4bit(packed_nc, absmax4, 64, "nf4", A.numel(), dtype)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_quant_storage_views(storage, quant_type):
+    A = random_input(64 * 33, torch.bfloat16, 64, True)
+    packed, absmax = check_quantize_4bit(A, 64, quant_type, storage)
+    assert packed.dtype == storage
+    check_dequantize_4bit(packed, absmax, 64, quant_type, A.numel(), torch.bfloat16)
+
+
+def test_empty_tensors():
+    A = torch.empty(0, 7)
+    q, absmax = check_quantize_blockwise(A, dynamic_map(), 64)
+    assert q.shape == (0, 7) and absmax.shape == (0,)
+    check_dequantize_blockwise(q, absmax, dynamic_map(), 64, torch.bfloat16)
+    packed, absmax4 = check_quantize_4bit(A, 64, "nf4")
+    assert packed.numel() == 0 and absmax4.numel() == 0
+    check_dequantize_4bit(packed, absmax4, 64, "nf4", 0, torch.float16)
+
+
+def test_launcher_rejects_bad_outputs():
+    A = torch.randn(1000)
+    with pytest.raises(ValueError, match="out must be a contiguous torch.uint8"):
+        k8.quantize_blockwise(A, dynamic_map(), 64, torch.empty(999, dtype=torch.uint8), torch.empty(16))
+    with pytest.raises(ValueError, match="absmax must be a contiguous fp32"):
+        k4.quantize_4bit(A, 64, "nf4", torch.empty(500, dtype=torch.uint8), torch.empty(15))
+    with pytest.raises(ValueError, match="quant_type"):
+        k4.quantize_4bit(A, 64, "int4", torch.empty(500, dtype=torch.uint8), torch.empty(16))
+    with pytest.raises(ValueError, match="search"):
+        k8.QuantizeBlockwiseConfig(search="linear")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the registered GPU functions' handling with CPU tensors")
+def test_registered_functions_on_cpu_tensors():
+    """The functions registered for cuda/xpu, called directly with CPU tensors (the interpreter
+    runs them): allocation, quant_storage shapes, .out into a non-contiguous view, and the shared
+    argument checks."""
+    from inductor_quant.ops import triton_quant
+
+    A = random_input(64 * 40 + 8, torch.float16, 64, True)
+    q, absmax = triton_quant._quantize_blockwise_triton(A, dynamic_map(), 64)
+    ref_q, ref_absmax = ref8.quantize_blockwise(A, dynamic_map(), 64)
+    assert_same(q, ref_q)
+    assert_same(absmax, ref_absmax)
+    out = torch.full((2, A.numel()), 7.0)[:, ::2]  # (2, n/2) view, non-contiguous
+    q2 = q.view(2, -1)
+    triton_quant._dequantize_blockwise_out_triton(q2, absmax, dynamic_map(), 64, torch.float32, out)
+    assert_same(out, ref8.dequantize_blockwise(q2, absmax, dynamic_map(), 64, torch.float32))
+
+    packed, absmax4 = triton_quant._quantize_4bit_triton(A, 64, "fp4", torch.float16)
+    assert packed.shape == (A.numel() // 4, 1) and packed.dtype == torch.float16
+    ref_packed, ref_absmax4 = ref4.quantize_4bit(A, 64, "fp4", torch.float16)
+    assert_same(packed.view(torch.uint8), ref_packed.view(torch.uint8))
+    deq = triton_quant._dequantize_4bit_triton(packed, absmax4, 64, "fp4", [2, A.numel() // 2], torch.float32)
+    assert_same(deq, ref4.dequantize_4bit(ref_packed, ref_absmax4, 64, "fp4", [2, A.numel() // 2], torch.float32))
+    out4 = torch.empty(A.numel() // 2, 2).t()
+    triton_quant._dequantize_4bit_out_triton(packed, absmax4, 64, "fp4", [2, A.numel() // 2], torch.float32, out4)
+    assert_same(out4, deq)
+
+    with pytest.raises(ValueError, match="blocksize must be a power of two"):
+        triton_quant._quantize_4bit_triton(A, 48, "nf4", torch.uint8)
+    with pytest.raises(RuntimeError, match="A.numel\\(\\) must be a multiple of 8"):
+        triton_quant._quantize_4bit_triton(A[:-2], 64, "nf4", torch.float32)
+    with pytest.raises(RuntimeError, match="absmax must have"):
+        triton_quant._dequantize_blockwise_triton(q, absmax[:-1], dynamic_map(), 64, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: registered ops at real sizes, bitsandbytes CUDA, > 2**31 elements
+# ----------------------------------------------------------------------------------------------
+
+# (shape, blocksize, input dtype): each case compiles its own kernels, so the matrix is sparse.
+GPU_CASES = [
+    ((4096, 4096), 64, torch.bfloat16),
+    ((4096, 4096), 256, torch.bfloat16),
+    ((4096, 4096), 32, torch.float16),
+    ((1000, 4097), 64, torch.float16),
+    ((1000, 4097), 256, torch.float32),
+    ((1000, 4097), 4096, torch.bfloat16),
+    ((3, 5), 32, torch.bfloat16),
+    ((8192, 1), 4096, torch.float32),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape, blocksize, dtype", GPU_CASES)
+def test_gpu_ops_match_reference(shape, blocksize, dtype):
+    ops = torch.ops.inductor_quant
+    n = shape[0] * shape[1]
+    A = random_input(n, dtype, blocksize, True, device="cuda").view(shape)
+    code = dynamic_map(device="cuda")
+    q, absmax = ops.quantize_blockwise(A, code, blocksize)
+    ref_q, ref_absmax = ref8.quantize_blockwise(A, code, blocksize)
+    assert_same(absmax, ref_absmax)
+    assert_same(q, ref_q)
+    for out_dtype in FLOATS:
+        assert_same(
+            ops.dequantize_blockwise(q, absmax, code, blocksize, out_dtype),
+            ref8.dequantize_blockwise(q, absmax, code, blocksize, out_dtype),
+        )
+    for quant_type in ("nf4", "fp4"):
+        packed, absmax4 = ops.quantize_4bit(A, blocksize, quant_type, torch.uint8)
+        ref_packed, ref_absmax4 = ref4.quantize_4bit(A, blocksize, quant_type, torch.uint8)
+        assert_same(absmax4, ref_absmax4)
+        assert_same(packed, ref_packed)
+        for out_dtype in FLOATS:
+            out = torch.full(shape, float("nan"), dtype=out_dtype, device="cuda")
+            ops.dequantize_4bit.out(packed, absmax4, blocksize, quant_type, list(shape), out_dtype, out=out)
+            assert_same(out, ref4.dequantize_4bit(packed, absmax4, blocksize, quant_type, shape, out_dtype))
+
+
+@requires_cuda
+def test_gpu_search_variants_and_unsigned_map():
+    A = random_input(1 << 22, torch.bfloat16, 256, True, device="cuda")
+    for signed in (True, False):
+        code = dynamic_map(signed, device="cuda")
+        x = A if signed else A.abs()
+        ref_q, _ = ref8.quantize_blockwise(x, code, 256)
+        for search in ("bucket", "bsearch"):
+            q, _ = run_quantize_blockwise(x, code, 256, k8.QuantizeBlockwiseConfig(search=search))
+            assert_same(q, ref_q)
+
+
+def _bnb_cuda():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return None
+    if not hasattr(torch.ops, "bitsandbytes") or not hasattr(torch.ops.bitsandbytes, "quantize_4bit"):
+        return None
+    return torch.ops.bitsandbytes
+
+
+@requires_cuda
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 128, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_4bit_bytes_equal_bitsandbytes(quant_type, blocksize, dtype):
+    """Byte-equal packed codes and equal absmax to bitsandbytes' CUDA kernel on random inputs.
+
+    bitsandbytes is built with fast-math: its ``1/absmax`` is an approximate reciprocal. With a
+    power-of-two absmax per block both reciprocals are exact, so every byte must match; on plain
+    random data the two may differ where ``xn`` lies within an ulp of a threshold (rare, adjacent
+    codes only)."""
+    bnb = _bnb_cuda()
+    if bnb is None:
+        pytest.skip("bitsandbytes with CUDA kernels is not installed")
+    n = 4096 * 1024
+    A = torch.randn(n, device="cuda") * 2
+    A_pow2 = A.clone().view(-1, blocksize)
+    A_pow2 = A_pow2 / A_pow2.abs().amax(1, keepdim=True)  # |x| <= 1 with one element exactly +-1
+    A_pow2 *= torch.exp2(torch.randint(-8, 8, (A_pow2.shape[0], 1), device="cuda").float())
+    for x, exact in ((A_pow2.reshape(-1).to(dtype), True), (A.to(dtype), False)):
+        ours, ours_absmax = torch.ops.inductor_quant.quantize_4bit(x, blocksize, quant_type, torch.uint8)
+        theirs, theirs_absmax = bnb.quantize_4bit(x, blocksize, quant_type, torch.uint8)
+        assert_same(ours_absmax, theirs_absmax)
+        differ = (ours != theirs).sum().item()
+        if exact:
+            assert differ == 0, f"{differ} bytes differ from bitsandbytes"
+        else:
+            assert differ <= n * 1e-5, f"{differ} bytes differ from bitsandbytes"
+
+
+@requires_cuda
+def test_gpu_dequantize_4bit_beyond_int32_offsets():
+    """Dequantize to more than 2**31 bf16 elements (4.3 GB): the tiles past 2**31 must hold the
+    right values (64-bit offsets). Checked on the blocks around 2**31 and at the end."""
+    blocksize = 64
+    n = (1 << 31) + 3 * 1024 * 1024 + 64 * 5 + 3  # odd, not a multiple of the tile
+    free, _ = torch.cuda.mem_get_info()
+    if free < 8 * 1024**3:
+        pytest.skip("needs ~8 GB of free GPU memory")
+    nbytes = (n + 1) // 2
+    packed = torch.randint(0, 256, (nbytes, 1), dtype=torch.uint8, device="cuda")
+    absmax = torch.rand(-(-n // blocksize), device="cuda") + 0.5
+    out = torch.ops.inductor_quant.dequantize_4bit(packed, absmax, blocksize, "nf4", [n], torch.bfloat16)
+    for first_block in ((1 << 31) // blocksize - 64, -(-n // blocksize) - 64):
+        start = first_block * blocksize
+        stop = min(n, start + 128 * blocksize)
+        sub_packed = packed[start // 2 : (stop + 1) // 2]
+        sub_absmax = absmax[first_block : -(-stop // blocksize)]
+        expected = ref4.dequantize_4bit(sub_packed, sub_absmax, blocksize, "nf4", (stop - start,), torch.bfloat16)
+        assert_same(out[start:stop], expected)
+    del out
