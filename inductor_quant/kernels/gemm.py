@@ -182,7 +182,7 @@ def _gemv_4bit_kernel(
     tl.store(out + pid_m.to(tl.int64) * stride_om + rows, res.to(out.dtype.element_ty), mask=rows < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemm_4bit_dot_kernel(
     A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
     M, N, K, stride_am, stride_om,
@@ -193,7 +193,7 @@ def _gemm_4bit_dot_kernel(
     """``out[m-tile, n-tile]`` with the dequantized weight tile rounded to A's dtype and ``tl.dot``.
 
     Needs ``K % BLOCK_K == 0`` and ``K % BLOCKSIZE == 0``. Program ids run over M-tiles fastest, so
-    the programs sharing a weight tile are scheduled together."""
+    the programs sharing a weight tile are scheduled together. Loads run one K-tile ahead."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     pid_m = pid % num_m
@@ -218,20 +218,25 @@ def _gemm_4bit_dot_kernel(
     lane_code = _lane_code(code) if USE_SHFL else 0.0
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    words = tl.load(words_ptrs)
+    scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk, NESTED)
     for k0 in range(0, K, BLOCK_K):
-        words = tl.load(words_ptrs + k0 // 8)
-        scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k0 // BLOCKSIZE, NESTED)
+        k_next = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+        words_next = tl.load(words_ptrs + k_next // 8)
+        scale_next = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_next // BLOCKSIZE, NESTED)
         w = _dequant_words(words, scale[:, :, None], lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
         w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(A.dtype.element_ty)
         a = tl.load(a_ptrs + k0)
         acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
+        words = words_next
+        scale = scale_next
     if HAS_BIAS:
         acc += tl.load(bias + rows_c).to(tl.float32)[:, None]
     out_ptrs = out + ms[None, :].to(tl.int64) * stride_om + rows[:, None]
     tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=(rows[:, None] < N) & (ms[None, :] < M))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemm_4bit_generic_kernel(
     A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
     M, N, K, stride_am, stride_ak, stride_om,

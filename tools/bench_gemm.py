@@ -1,0 +1,267 @@
+"""4-bit GEMV / small-M matmul on the GPU: inductor_quant's fused kernels, bitsandbytes CUDA, bf16 F.linear.
+
+Bytes counted for the 4-bit rows: packed weight + fp32 absmax + A + out (bf16); for bf16 F.linear:
+the bf16 weight + A + out. NF4, blocksize 64, bf16 activations, weights N x K (out x in).
+
+    python tools/bench_gemm.py [--json bench_gemm.json]      # the table (also run by bench_kernels.py)
+    python tools/bench_gemm.py --sweep [--json sweep.json]   # every tile config, and the M crossover
+
+``run(copy_bw)`` returns the rows for ``tools/bench_kernels.py``. ``--sweep`` times each tile
+configuration of the fused kernels per shape and M, prints the best, and times the fused kernel
+against dequantize + F.linear for growing M (the ``FUSED_MAX_M`` threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib  # noqa: E402
+
+import inductor_quant  # noqa: E402,F401  (registers the ops)
+from inductor_quant.code_tables import get_4bit_code  # noqa: E402
+from inductor_quant.kernels import gemm as kernels  # noqa: E402
+from inductor_quant.ops import triton_gemm  # noqa: E402
+from inductor_quant.reference import fourbit as reference  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
+MS = [1, 4, 16, 64]
+BLOCKSIZE = 64
+ops = torch.ops.inductor_quant
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+
+        return bitsandbytes
+    except ImportError:
+        return None
+
+
+class Problem:
+    """One NF4 weight (and its bf16 original) on the GPU."""
+
+    def __init__(self, N: int, K: int):
+        self.N, self.K = N, K
+        self.W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        bnb = _bnb()
+        if bnb is not None:
+            self.B, self.state = bnb.functional.quantize_4bit(self.W, blocksize=BLOCKSIZE, quant_type="nf4")
+            self.absmax = self.state.absmax
+        else:
+            self.state = None
+            self.B, self.absmax = reference.quantize_4bit(self.W, BLOCKSIZE, "nf4", torch.uint8)
+        self.code = get_4bit_code("nf4", "cuda")
+        self._weight64 = None
+
+    def exact(self, A: torch.Tensor) -> torch.Tensor:
+        """float64 ``A @ W_q.T`` with the dequantized (fp32-exact) weight."""
+        if self._weight64 is None:
+            weight = reference.dequantize_4bit(self.B, self.absmax, BLOCKSIZE, "nf4", [self.N, self.K], torch.float32)
+            self._weight64 = weight.double()
+        return A.double() @ self._weight64.T
+
+    def quant_bytes(self, M: int) -> int:
+        return benchlib.tensor_bytes(self.B, self.absmax) + 2 * M * (self.K + self.N)
+
+    def bf16_bytes(self, M: int) -> int:
+        return benchlib.tensor_bytes(self.W) + 2 * M * (self.K + self.N)
+
+
+def _op_name(M: int) -> str:
+    return "gemv_4bit M=1" if M == 1 else f"gemm_4bit M={M}"
+
+
+def _ours(p: Problem, A: torch.Tensor):
+    if A.shape[0] == 1:
+        return lambda: ops.gemv_4bit(A, p.B, [p.N, p.K], p.absmax, p.code, BLOCKSIZE)
+    return lambda: ops.gemm_4bit(A, p.B, [p.N, p.K], p.absmax, BLOCKSIZE, "nf4")
+
+
+def _theirs(p: Problem, A: torch.Tensor):
+    bnb = _bnb()
+    if bnb is None or p.state is None:
+        return None
+    if A.shape[0] == 1:
+        return lambda: torch.ops.bitsandbytes.gemv_4bit(A, p.B, [p.N, p.K], p.absmax, p.state.code, BLOCKSIZE)
+    if hasattr(torch.ops.bitsandbytes, "gemm_4bit"):
+        return lambda: torch.ops.bitsandbytes.gemm_4bit(A, p.B, [p.N, p.K], p.absmax, BLOCKSIZE, "nf4")
+    return lambda: bnb.matmul_4bit(A, p.B, p.state)
+
+
+def _check(p: Problem, A: torch.Tensor, out: torch.Tensor) -> float:
+    """Relative error of ``out`` against the float64 product with the dequantized weight."""
+    exact = p.exact(A)
+    return ((out.double() - exact).norm() / exact.norm()).item()
+
+
+def run(copy_bw: float, shapes=SHAPES, ms=MS) -> list[benchlib.Row]:
+    """Time ours, bitsandbytes and bf16 F.linear on every shape and M; check ours first."""
+    rows: list[benchlib.Row] = []
+    for N, K in shapes:
+        p = Problem(N, K)
+        shape = f"{N}x{K}"
+        for M in ms:
+            A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ours = _ours(p, A)
+            err = _check(p, A, ours())
+            if not err < 4e-3:
+                raise AssertionError(f"inductor_quant {_op_name(M)} {shape}: relative error {err:.2e}")
+            path = kernels.fused_path(M, p.B, K, BLOCKSIZE) if M <= kernels.FUSED_MAX_M else "dequant+linear"
+            rows.append(benchlib.make_row(_op_name(M), shape, "inductor_quant", benchlib.bench(ours), p.quant_bytes(M),
+                                          copy_bw, f"{path}, rel err {err:.1e}"))
+            theirs = _theirs(p, A)
+            if theirs is not None:
+                rows.append(benchlib.make_row(_op_name(M), shape, "bnb", benchlib.bench(theirs), p.quant_bytes(M),
+                                              copy_bw))
+            rows.append(benchlib.make_row(_op_name(M), shape, "torch bf16 linear",
+                                          benchlib.bench(lambda: F.linear(A, p.W)), p.bf16_bytes(M), copy_bw))
+        del p
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# --sweep: tile configurations and the M crossover
+# ------------------------------------------------------------------------------------------------
+
+
+def gemv_configs() -> list[kernels.KernelConfig]:
+    return [
+        kernels.KernelConfig(block_n=bn, block_k=bk, num_warps=nw)
+        for bn in (2, 4, 8, 16)
+        for bk in (256, 512, 1024)
+        for nw in (2, 4, 8)
+        if bn * bk // 8 >= 32 * nw and bn * bk // (32 * nw) <= 64
+    ]
+
+
+def dot_configs(block_m: int) -> list[kernels.KernelConfig]:
+    configs = [
+        kernels.KernelConfig(block_n=bn, block_k=bk, num_warps=nw, block_m=block_m)
+        for bn in (32, 64, 128)
+        for bk in (64, 128, 256)
+        for nw in (4, 8)
+        if bn * bk // (32 * nw) <= 128 and bn * bk // 8 >= 32 * nw and not (bn == 32 and nw == 8)
+        and not (block_m == 64 and bn == 32)
+    ]
+    configs += [
+        kernels.KernelConfig(block_n=bn, block_k=bk, num_warps=4, block_m=block_m, num_stages=3)
+        for bn, bk in ((64, 128), (64, 256), (128, 128))
+    ]
+    return configs
+
+
+def _time_config(p: Problem, A, path: str, cfg: kernels.KernelConfig, out) -> float:
+    def fn():
+        return kernels.gemm_4bit_fused(A, p.B, p.N, p.K, p.absmax, p.code, BLOCKSIZE, out=out, path=path, config=cfg)
+
+    out.fill_(float("nan"))
+    fn()
+    err = _check(p, A, out)
+    if not err < 4e-3:
+        raise AssertionError(f"{path} {cfg} on {p.N}x{p.K} M={A.shape[0]}: relative error {err:.2e}")
+    return benchlib.bench(fn, warmup_ms=5, rep_ms=25)
+
+
+def sweep(copy_bw: float, shapes=SHAPES) -> dict:
+    results = []
+    best_lines = []
+    for N, K in shapes:
+        p = Problem(N, K)
+        for M in MS:
+            A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            candidates = []
+            if M == 1:
+                candidates += [("gemv", cfg) for cfg in gemv_configs()]
+            block_ms = (16,) if M <= 16 else (32, 64)
+            candidates += [("dot", cfg) for bm in block_ms for cfg in dot_configs(bm)]
+            timed = []
+            for path, cfg in candidates:
+                t = _time_config(p, A, path, cfg, out)
+                pct = 100 * p.quant_bytes(M) / (t * 1e-6) / copy_bw
+                timed.append((t, path, cfg))
+                results.append(dict(N=N, K=K, M=M, path=path, cfg=cfg.__dict__, time_us=t, copy_pct=pct))
+            timed.sort(key=lambda x: x[0])
+            for t, path, cfg in timed[:3]:
+                pct = 100 * p.quant_bytes(M) / (t * 1e-6) / copy_bw
+                best_lines.append(f"{N}x{K} M={M:<3} {path:5} {t:8.1f} us {pct:5.1f} %  {cfg}")
+                print(best_lines[-1], flush=True)
+            if M == 1:
+                gemv_best = min((x for x in timed if x[1] == "gemv"), key=lambda x: x[0])
+                dot_best = min((x for x in timed if x[1] == "dot"), key=lambda x: x[0])
+                best_lines.append(f"  M=1 best gemv {gemv_best[0]:.1f} us vs best dot {dot_best[0]:.1f} us")
+                print(best_lines[-1], flush=True)
+        del p
+        torch.cuda.empty_cache()
+    crossover = _crossover(copy_bw)
+    return {"configs": results, "best": best_lines, "crossover": crossover}
+
+
+def _crossover(copy_bw: float) -> list[str]:
+    """Fused dot kernel vs dequantize + F.linear for growing M (FUSED_MAX_M)."""
+    lines = []
+    bnb = _bnb()
+    for N, K in ((4096, 4096), (28672, 8192)):
+        p = Problem(N, K)
+        t_ref_deq = benchlib.bench(lambda: triton_gemm._dequantized_weight(
+            p.B, [N, K], p.absmax, BLOCKSIZE, "nf4", torch.bfloat16, None, None, None))
+        t_bnb_deq = benchlib.bench(lambda: bnb.functional.dequantize_4bit(p.B, p.state)) if bnb else float("nan")
+        ideal_deq = (benchlib.tensor_bytes(p.B, p.absmax) + 2 * N * K) / (0.9 * copy_bw) * 1e6
+        lines.append(f"{N}x{K}: dequant op-path {t_ref_deq:.1f} us, bnb dequant {t_bnb_deq:.1f} us, "
+                     f"90%-copy dequant {ideal_deq:.1f} us")
+        for M in (32, 64, 96, 128, 192, 256, 512):
+            A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            fused = []
+            for bm in (32, 64):
+                for bn, bk, nw in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 256, 4)):
+                    cfg = kernels.KernelConfig(block_n=bn, block_k=bk, num_warps=nw, block_m=bm)
+                    fused.append((_time_config(p, A, "dot", cfg, out), cfg))
+            t_fused, cfg = min(fused, key=lambda x: x[0])
+            t_linear = benchlib.bench(lambda: F.linear(A, p.W))
+            lines.append(f"{N}x{K} M={M:<4} fused {t_fused:8.1f} us ({cfg.block_m},{cfg.block_n},{cfg.block_k},"
+                         f"{cfg.num_warps})  linear {t_linear:7.1f} us  + dequant: bnb {t_bnb_deq + t_linear:7.1f}"
+                         f"  ideal {ideal_deq + t_linear:7.1f}  op-path {t_ref_deq + t_linear:7.1f}")
+            print(lines[-1], flush=True)
+        del p
+        torch.cuda.empty_cache()
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default="bench_gemm.json", help="where to write the results")
+    parser.add_argument("--sweep", action="store_true", help="time every tile config and the M crossover")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gemm: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
+        return 2
+    copy_bw = benchlib.measure_copy_bandwidth()
+    meta = {**benchlib.environment(), "copy_bandwidth_TBps": copy_bw / 1e12}
+    print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    if args.sweep:
+        import json
+
+        result = sweep(copy_bw)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, **result}, f, indent=1)
+        print("\n".join(result["best"]))
+        print("\n".join(result["crossover"]))
+        return 0
+    rows = run(copy_bw)
+    benchlib.write_json(args.json, rows, meta)
+    print(benchlib.format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
