@@ -1,14 +1,15 @@
 """Triton quantize / dequantize kernels (``inductor_quant.kernels.blockwise`` / ``.fourbit``) and
 their GPU op registrations (``inductor_quant.ops.triton_quant``).
 
-CPU: the launchers run under the Triton interpreter (conftest sets TRITON_INTERPRET) on CPU tensors
-and must equal the pure-torch reference bit for bit: codes, absmax (NaN where the reference has
-NaN) and dequantized values. The interpreter truncates fp32 -> bf16 instead of rounding, so bf16
-outputs are compared with the reference's fp32 values truncated the same way (exact otherwise).
-Outputs are views into poisoned buffers with guard bytes on both sides.
+Launcher tests run on ``DEVICE``: CPU tensors under the Triton interpreter (conftest sets
+TRITON_INTERPRET) where there is no GPU, CUDA tensors where there is one. Results must equal the
+pure-torch reference bit for bit: codes, absmax (NaN where the reference has NaN) and dequantized
+values. The interpreter truncates fp32 -> bf16 instead of rounding, so on CPU bf16 outputs are
+compared with the reference's fp32 values truncated the same way (exact otherwise). Outputs are
+views into poisoned buffers with guard bytes on both sides.
 
-GPU (skipped without CUDA): the registered ops at real sizes against the reference, 4-bit bytes
-against bitsandbytes' CUDA kernels, and a dequantize with more than 2**31 output elements.
+GPU only (skipped without CUDA): the registered ops at real sizes against the reference, 4-bit
+bytes against bitsandbytes' CUDA kernels, and a dequantize with more than 2**31 output elements.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ POISON = 0x5A
 pytestmark = pytest.mark.filterwarnings(
     "ignore:divide by zero:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
 )
-SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+SETTINGS = settings(max_examples=6 if HAS_CUDA else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +162,8 @@ def check_dequantize_4bit(packed, absmax, blocksize, quant_type, n, dtype):
     specials=st.booleans(),
 )
 def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, signed, search, specials):
-    code = dynamic_map(signed)
-    A = random_input(n, dtype, blocksize, specials)
+    code = dynamic_map(signed, device=DEVICE)
+    A = random_input(n, dtype, blocksize, specials, device=DEVICE)
     if not signed:
         A = A.abs()
     q, absmax = check_quantize_blockwise(A, code, blocksize, k8.QuantizeBlockwiseConfig(search=search))
@@ -178,7 +180,7 @@ def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, s
     specials=st.booleans(),
 )
 def test_4bit_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, quant_type, specials):
-    A = random_input(n, dtype, blocksize, specials)
+    A = random_input(n, dtype, blocksize, specials, device=DEVICE)
     packed, absmax = check_quantize_4bit(A, blocksize, quant_type)
     check_dequantize_4bit(packed, absmax, blocksize, quant_type, n, out_dtype)
 
@@ -223,26 +225,27 @@ def test_blockwise_arbitrary_tables(search):
     uniform = torch.linspace(-1, 1, 256)
     for code in (crowded, repeated, uniform):
         A = torch.cat([torch.randn(30_000), 0.5 + 0.01 * torch.rand(10_000), torch.zeros(64), -torch.zeros(64)])
-        check_quantize_blockwise(A, code, 256, k8.QuantizeBlockwiseConfig(search=search))
+        check_quantize_blockwise(A.to(DEVICE), code.to(DEVICE), 256, k8.QuantizeBlockwiseConfig(search=search))
 
 
 def test_blockwise_exact_codes_and_midpoints():
     """Every code value maps to itself; every exact midpoint maps to the lower code."""
-    code = dynamic_map()
+    code = dynamic_map(device=DEVICE)
     mids = code_midpoints(code)
-    A = torch.stack([torch.cat([code, mids]), torch.full((511,), 1.0)], 1).reshape(-1)  # absmax 1 per block of 2
+    A = torch.stack([torch.cat([code, mids]), torch.ones(511, device=DEVICE)], 1).reshape(-1)  # absmax 1
     q, _ = check_quantize_blockwise(A, code, 32)
     q = q.view(-1, 2)[:, 0].long()
-    assert torch.equal(q[:256], torch.arange(256))
-    assert torch.equal(q[256:], torch.arange(255))
+    assert torch.equal(q[:256].cpu(), torch.arange(256))
+    assert torch.equal(q[256:].cpu(), torch.arange(255))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_noncontiguous_inputs(dtype):
-    A = random_input(96 * 130, dtype, 64, True).view(96, 130).t()
+    A = random_input(96 * 130, dtype, 64, True, device=DEVICE).view(96, 130).t()
     assert not A.is_contiguous()
-    q, absmax = check_quantize_blockwise(A, dynamic_map(), 64)
-    check_dequantize_blockwise(q.t(), absmax, dynamic_map(), 64, dtype)
+    code = dynamic_map(device=DEVICE)
+    q, absmax = check_quantize_blockwise(A, code, 64)
+    check_dequantize_blockwise(q.t(), absmax, code, 64, dtype)
     packed, absmax4 = check_quantize_4bit(A, 64, "nf4")
     packed_nc = torch.stack([packed.flatten(), packed.flatten()], 1)[:, 0]
     assert not packed_nc.is_contiguous()
@@ -252,17 +255,18 @@ def test_noncontiguous_inputs(dtype):
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_quant_storage_views(storage, quant_type):
-    A = random_input(64 * 33, torch.bfloat16, 64, True)
+    A = random_input(64 * 33, torch.bfloat16, 64, True, device=DEVICE)
     packed, absmax = check_quantize_4bit(A, 64, quant_type, storage)
     assert packed.dtype == storage
     check_dequantize_4bit(packed, absmax, 64, quant_type, A.numel(), torch.bfloat16)
 
 
 def test_empty_tensors():
-    A = torch.empty(0, 7)
-    q, absmax = check_quantize_blockwise(A, dynamic_map(), 64)
+    A = torch.empty(0, 7, device=DEVICE)
+    code = dynamic_map(device=DEVICE)
+    q, absmax = check_quantize_blockwise(A, code, 64)
     assert q.shape == (0, 7) and absmax.shape == (0,)
-    check_dequantize_blockwise(q, absmax, dynamic_map(), 64, torch.bfloat16)
+    check_dequantize_blockwise(q, absmax, code, 64, torch.bfloat16)
     packed, absmax4 = check_quantize_4bit(A, 64, "nf4")
     assert packed.numel() == 0 and absmax4.numel() == 0
     check_dequantize_4bit(packed, absmax4, 64, "nf4", 0, torch.float16)

@@ -1,0 +1,252 @@
+"""GPU benchmark of the quantize / dequantize kernels, side by side with bitsandbytes CUDA.
+
+``run(copy_bw)`` (used by ``tools/bench_kernels.py``) times ``torch.ops.inductor_quant``'s
+quantize_4bit / dequantize_4bit (NF4, blocksize 64) and quantize_blockwise / dequantize_blockwise
+(dynamic map, blocksize 256) on bf16 weights of the four benchmark shapes, and the same ops of
+``torch.ops.bitsandbytes`` when its CUDA kernels are importable. Bytes moved = every input read once
+plus every output written once (the 1 KB code tables included).
+
+Run alone::
+
+    python tools/bench_quant.py [--check] [--sweep] [--json bench_quant.json]
+
+``--check`` compares every op with the pure-torch reference (bit-exact) and with bitsandbytes on
+each shape before timing; ``--sweep`` also times launch-configuration variants of each kernel
+(tile, warps, code-lookup path, 8-bit search) through the launchers and prints the fastest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib  # noqa: E402
+
+SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192))
+SWEEP_SHAPES = ((4096, 4096), (28672, 8192))
+BS4 = 64
+BS8 = 256
+DTYPE = torch.bfloat16
+
+
+def _bnb_ops():
+    """``torch.ops.bitsandbytes`` with its CUDA kernels, or None."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return None
+    ops = getattr(torch.ops, "bitsandbytes", None)
+    if ops is None or not hasattr(ops, "quantize_4bit"):
+        return None
+    return ops
+
+
+class Case:
+    """Inputs and outputs of every op for one weight shape (fresh random data, never zeros)."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        import inductor_quant  # noqa: F401  (registers the ops)
+        from inductor_quant.code_tables import dynamic_map
+
+        self.shape = shape
+        self.label = f"{shape[0]}x{shape[1]}"
+        self.n = shape[0] * shape[1]
+        self.A = torch.randn(shape, device="cuda", dtype=DTYPE)
+        self.code8 = dynamic_map(device="cuda")
+        ops = torch.ops.inductor_quant
+        self.packed, self.absmax4 = ops.quantize_4bit(self.A, BS4, "nf4", torch.uint8)
+        self.q8, self.absmax8 = ops.quantize_blockwise(self.A, self.code8, BS8)
+        self.out = torch.empty(shape, device="cuda", dtype=DTYPE)
+        n = self.n
+        self.bytes = {
+            "quantize_4bit": benchlib.tensor_bytes(self.A, self.packed, self.absmax4),
+            "dequantize_4bit": benchlib.tensor_bytes(self.packed, self.absmax4, self.out),
+            "quantize_blockwise": benchlib.tensor_bytes(self.A, self.code8, self.q8, self.absmax8),
+            "dequantize_blockwise": benchlib.tensor_bytes(self.q8, self.absmax8, self.code8, self.out),
+        }
+        assert self.bytes["dequantize_4bit"] == n // 2 + 4 * (n // BS4) + 2 * n
+
+    def op_calls(self, ops) -> dict:
+        """The four op calls of ``ops`` (``torch.ops.inductor_quant`` or ``torch.ops.bitsandbytes``)."""
+        A, shape = self.A, list(self.shape)
+        return {
+            "quantize_4bit": lambda: ops.quantize_4bit(A, BS4, "nf4", torch.uint8),
+            "dequantize_4bit": lambda: ops.dequantize_4bit.out(
+                self.packed, self.absmax4, BS4, "nf4", shape, DTYPE, out=self.out
+            ),
+            "quantize_blockwise": lambda: ops.quantize_blockwise(A, self.code8, BS8),
+            "dequantize_blockwise": lambda: ops.dequantize_blockwise.out(
+                self.q8, self.absmax8, self.code8, BS8, DTYPE, out=self.out
+            ),
+        }
+
+
+def run(copy_bw: float, shapes=SHAPES) -> list[benchlib.Row]:
+    """Time every op on every shape: inductor_quant's default kernels and bitsandbytes CUDA."""
+    rows: list[benchlib.Row] = []
+    impls = {"inductor_quant": torch.ops.inductor_quant}
+    bnb = _bnb_ops()
+    if bnb is not None:
+        impls["bnb"] = bnb
+    for shape in shapes:
+        case = Case(shape)
+        for impl, ops in impls.items():
+            for op, fn in case.op_calls(ops).items():
+                t = benchlib.bench(fn)
+                rows.append(benchlib.make_row(op, case.label, impl, t, case.bytes[op], copy_bw))
+                print(f"  {op:22s} {case.label:12s} {impl:15s} {t:9.1f} us  {rows[-1].copy_pct:5.1f} %", flush=True)
+        del case
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# --check: bit-exact against the reference, compared with bitsandbytes
+# ----------------------------------------------------------------------------------------------
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def check(shapes=SHAPES) -> bool:
+    """Compare every op with the reference (must be bit-exact) and with bitsandbytes (reported)."""
+    from inductor_quant.reference import blockwise as ref8
+    from inductor_quant.reference import fourbit as ref4
+
+    ok = True
+    bnb = _bnb_ops()
+    for shape in shapes:
+        case = Case(shape)
+        A, ops = case.A, torch.ops.inductor_quant
+        ref_packed, ref_absmax4 = ref4.quantize_4bit(A, BS4, "nf4", torch.uint8)
+        ref_q8, ref_absmax8 = ref8.quantize_blockwise(A, case.code8, BS8)
+        ops.dequantize_4bit.out(case.packed, case.absmax4, BS4, "nf4", list(shape), DTYPE, out=case.out)
+        deq4 = case.out.clone()
+        ops.dequantize_blockwise.out(case.q8, case.absmax8, case.code8, BS8, DTYPE, out=case.out)
+        results = {
+            "quantize_4bit": _same(case.packed, ref_packed) and _same(case.absmax4, ref_absmax4),
+            "dequantize_4bit": _same(deq4, ref4.dequantize_4bit(ref_packed, ref_absmax4, BS4, "nf4", shape, DTYPE)),
+            "quantize_blockwise": _same(case.q8, ref_q8) and _same(case.absmax8, ref_absmax8),
+            "dequantize_blockwise": _same(case.out, ref8.dequantize_blockwise(ref_q8, ref_absmax8, case.code8, BS8, DTYPE)),
+        }
+        line = " ".join(f"{op}={'ok' if r else 'MISMATCH'}" for op, r in results.items())
+        ok &= all(results.values())
+        if bnb is not None:
+            b_packed, b_absmax4 = bnb.quantize_4bit(A, BS4, "nf4", torch.uint8)
+            b_q8, b_absmax8 = bnb.quantize_blockwise(A, case.code8, BS8)
+            b_deq4 = bnb.dequantize_4bit(case.packed, case.absmax4, BS4, "nf4", list(shape), DTYPE)
+            b_deq8 = bnb.dequantize_blockwise(case.q8, case.absmax8, case.code8, BS8, DTYPE)
+            line += (
+                f" | vs bnb: 4-bit bytes differ {(b_packed != case.packed).sum().item()}, "
+                f"absmax4 equal {_same(b_absmax4, case.absmax4)}, 8-bit codes differ {(b_q8 != case.q8).sum().item()}, "
+                f"absmax8 equal {_same(b_absmax8, case.absmax8)}, dequant4 equal {_same(b_deq4, deq4)}, "
+                f"dequant8 equal {_same(b_deq8, case.out)}"
+            )
+        print(f"check {case.label}: {line}", flush=True)
+        del case
+        torch.cuda.empty_cache()
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------
+# --sweep: launch configurations through the launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def sweep_variants():
+    """(op, label, launcher call factory) for every configuration variant worth comparing."""
+    from inductor_quant.kernels import blockwise as k8
+    from inductor_quant.kernels import fourbit as k4
+
+    variants = []
+    for tile in (8192, 16384):
+        for warps in (4, 8):
+            for smem in (False, True):
+                cfg = k4.Dequantize4bitConfig(tile=tile, num_warps=warps, smem_lut=smem)
+                variants.append(
+                    ("dequantize_4bit", repr(cfg), lambda c, cfg=cfg: lambda: k4.dequantize_4bit(
+                        c.packed, c.absmax4, BS4, k4.code_table("nf4", "cuda"), c.out, cfg))
+                )
+    for tile in (4096, 8192):
+        for warps in (4, 8):
+            cfg = k4.Quantize4bitConfig(tile=tile, num_warps=warps)
+            variants.append(
+                ("quantize_4bit", repr(cfg), lambda c, cfg=cfg: lambda: k4.quantize_4bit(
+                    c.A, BS4, "nf4", c.packed, c.absmax4, cfg))
+            )
+    for kw in (
+        dict(tile=8192, num_warps=8, programs_per_sm=2),
+        dict(tile=8192, num_warps=8, programs_per_sm=4),
+        dict(tile=4096, num_warps=4, programs_per_sm=4),
+        dict(tile=16384, num_warps=16, programs_per_sm=1),
+        dict(tile=8192, num_warps=8, programs_per_sm=2, key_shift=18, buckets=8192, probes=2),
+        dict(tile=8192, num_warps=8, programs_per_sm=2, search="bsearch"),
+        dict(tile=4096, num_warps=4, programs_per_sm=4, search="bsearch"),
+    ):
+        cfg = k8.QuantizeBlockwiseConfig(**kw)
+        variants.append(
+            ("quantize_blockwise", repr(cfg), lambda c, cfg=cfg: lambda: k8.quantize_blockwise(
+                c.A, c.code8, BS8, c.q8, c.absmax8, cfg))
+        )
+    for tile in (4096, 8192):
+        for warps in (4, 8):
+            for smem in (True, False):
+                cfg = k8.DequantizeBlockwiseConfig(tile=tile, num_warps=warps, smem_lut=smem)
+                variants.append(
+                    ("dequantize_blockwise", repr(cfg), lambda c, cfg=cfg: lambda: k8.dequantize_blockwise(
+                        c.q8, c.absmax8, c.code8, BS8, c.out, cfg))
+                )
+    return variants
+
+
+def sweep(copy_bw: float, shapes=SWEEP_SHAPES) -> list[benchlib.Row]:
+    """Time each configuration variant; print the fastest per op and shape."""
+    rows = []
+    variants = sweep_variants()
+    for shape in shapes:
+        case = Case(shape)
+        for op, label, factory in variants:
+            t = benchlib.bench(factory(case), warmup_ms=10, rep_ms=50)
+            rows.append(benchlib.make_row(op, case.label, "sweep", t, case.bytes[op], copy_bw, note=label))
+            print(f"  sweep {op:22s} {case.label:12s} {t:9.1f} us {rows[-1].copy_pct:5.1f} %  {label}", flush=True)
+        del case
+        torch.cuda.empty_cache()
+    for shape in shapes:
+        label = f"{shape[0]}x{shape[1]}"
+        for op in dict.fromkeys(r.op for r in rows):
+            best = min((r for r in rows if r.op == op and r.shape == label), key=lambda r: r.time_us)
+            print(f"best {op:22s} {label:12s} {best.time_us:8.1f} us {best.copy_pct:5.1f} %  {best.note}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="compare with the reference and bitsandbytes first")
+    parser.add_argument("--sweep", action="store_true", help="also time launch-configuration variants")
+    parser.add_argument("--json", default="bench_quant.json", help="where to write the rows")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_quant: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
+        return 2
+    ok = check() if args.check else True
+    copy_bw = benchlib.measure_copy_bandwidth()
+    meta = {**benchlib.environment(), "copy_bandwidth_TBps": copy_bw / 1e12}
+    print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    rows = sweep(copy_bw) if args.sweep else []
+    rows += run(copy_bw)
+    benchlib.write_json(args.json, rows, meta)
+    print(benchlib.format_table([r for r in rows if r.impl != "sweep"]))
+    if not ok:
+        print("bench_quant: CHECK FAILED (see the check lines above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
