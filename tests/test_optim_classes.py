@@ -632,3 +632,55 @@ def test_closure_and_params_without_grad():
 def test_bad_arguments_raise(factory, match):
     with pytest.raises(ValueError, match=match):
         factory([torch.nn.Parameter(torch.randn(4))])
+
+
+# ---------------------------------------------------------------- torch.compile
+COMPILED_CASES = [
+    (optim.AdamW8bit, {}, lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)),
+    (optim.AdEMAMix8bit, {"t_alpha": 8, "t_beta3": 12}, lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)),
+    (optim.LAMB32bit, {"weight_decay": 1e-2}, lambda opt: torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=20)),
+]
+
+
+def test_compiled_step_matches_eager_and_never_recompiles():
+    """``torch.compile(fullgraph=True)`` of a function calling ``opt.step()`` (three optimizers in
+    one graph: 8-bit + fp32 states, AdEMAMix schedules, LAMB's update norm): same parameters and
+    states as eager, and one graph for 20 steps while schedulers change tensor learning rates."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled, eager, schedulers = [], [], []
+    for index, (cls, kwargs, make_scheduler) in enumerate(COMPILED_CASES):
+        compiled_p = _params(shapes=[(64, 80), (7, 9)], seed=index)
+        eager_p = _clone(compiled_p)
+        compiled_opt = cls(compiled_p, lr=torch.tensor(1e-2), **kwargs)
+        eager_opt = cls(eager_p, lr=torch.tensor(1e-2), **kwargs)
+        compiled.append((compiled_opt, compiled_p))
+        eager.append((eager_opt, eager_p))
+        schedulers += [make_scheduler(compiled_opt), make_scheduler(eager_opt)]
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def compiled_step():
+        for opt, _ in compiled:
+            opt.step()
+
+    gen = torch.Generator().manual_seed(13)
+    lrs = set()
+    for i in range(20):
+        for (_, compiled_p), (_, eager_p) in zip(compiled, eager):
+            _set_grads(compiled_p, eager_p, gen=gen)
+        if i < 2:
+            compiled_step()
+        else:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                compiled_step()
+        for opt, _ in eager:
+            opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        lrs.add(tuple(float(opt.param_groups[0]["lr"]) for opt, _ in compiled))
+    assert len(lrs) >= 10  # the learning rates really changed
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for (compiled_opt, compiled_p), (eager_opt, eager_p), (cls, _, _) in zip(compiled, eager, COMPILED_CASES):
+        _assert_states_identical(compiled_opt, compiled_p, eager_opt, eager_p)
+        assert compiled_opt.state[compiled_p[0]]["state1"].dtype == (torch.float32 if cls is optim.LAMB32bit else torch.uint8)
+        assert int(compiled_opt.state[compiled_p[0]]["step"]) == 20

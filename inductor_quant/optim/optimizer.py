@@ -207,7 +207,10 @@ class Optimizer8bit(torch.optim.Optimizer):
 
         Named like torch's own optimizers' hook: under ``torch.compile`` Dynamo runs this method
         eagerly (state creation never enters the graph) and treats the states as static inputs.
+        It also sets ``_opt_called``, the flag an LR scheduler checks (see ``step``): a Python
+        side effect, so it belongs here, where it runs eagerly under compile too.
         """
+        self._opt_called = True
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -254,6 +257,12 @@ class Optimizer8bit(torch.optim.Optimizer):
                 self._eager_group_step(group, *lists)
         return loss
 
+    # torch's LR schedulers replace ``optimizer.step`` by a wrapper that sets ``_opt_called``; the
+    # wrapper lives in a module Dynamo refuses to trace, so ``torch.compile(fullgraph=True)`` of a
+    # function calling ``opt.step()`` would fail. ``_init_group`` sets the flag itself, and this
+    # marker tells the scheduler not to wrap ``step``.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
     def _hyperparameters(self, group: dict[str, Any], step: int) -> tuple[float, float, float, float]:
         """``(beta1, beta2, beta3, alpha)`` for the kernels at ``step`` (AdEMAMix schedules applied)."""
         betas = group["betas"]
@@ -264,32 +273,104 @@ class Optimizer8bit(torch.optim.Optimizer):
         return beta1, beta2, beta3, alpha
 
     def _eager_group_step(self, group, params, grads, steps, state1s, state2s, qmap1s, qmap2s, absmax1s, absmax2s, unorm_vecs) -> None:
+        """Eager update: contiguous CUDA tensors go through the multi-tensor Triton launcher (one
+        launch per state width, dtype and step), everything else through the per-tensor ops."""
         lr = _as_float(group["lr"])
-        ops = torch.ops.inductor_quant
+        eps, weight_decay, skip_zeros = group["eps"], group["weight_decay"], group["skip_zeros"]
+        batches: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             steps[i] += 1
             step = int(steps[i].item())
+            eight_bit = state1s[i].dtype == torch.uint8
+            if p.is_cuda and p.is_contiguous() and grads[i].is_contiguous() and (eight_bit or group["max_unorm"] == 0.0):
+                key = (eight_bit, p.device, p.dtype, step, id(qmap1s[i]), id(qmap2s[i]))
+                batches.setdefault(key, []).append(i)
+                continue
             beta1, beta2, beta3, alpha = self._hyperparameters(group, step)
             target = p if p.is_contiguous() else p.contiguous()
             grad = grads[i].contiguous()
-            if state1s[i].dtype == torch.uint8:
-                ops.optimizer_update_8bit_blockwise(
-                    self.optimizer_name, grad, target, state1s[i], state2s[i], beta1, beta2, beta3, alpha,
-                    group["eps"], step, lr, qmap1s[i], qmap2s[i], absmax1s[i], absmax2s[i],
-                    group["weight_decay"], 1.0, group["skip_zeros"],
+            if eight_bit:
+                torch.ops.inductor_quant.optimizer_update_8bit_blockwise(
+                    self.optimizer_name, grad, target, state1s[i], state2s[i], beta1, beta2, beta3, alpha, eps,
+                    step, lr, qmap1s[i], qmap2s[i], absmax1s[i], absmax2s[i], weight_decay, 1.0, skip_zeros,
                 )
             else:
                 param_norm = target.float().norm().item() if group["max_unorm"] > 0.0 else 0.0
-                ops.optimizer_update_32bit(
-                    self.optimizer_name, grad, target, state1s[i], state2s[i], unorm_vecs[i],
-                    group["max_unorm"], param_norm, beta1, beta2, beta3, alpha, group["eps"],
-                    group["weight_decay"], step, lr, 1.0, group["skip_zeros"],
+                torch.ops.inductor_quant.optimizer_update_32bit(
+                    self.optimizer_name, grad, target, state1s[i], state2s[i], unorm_vecs[i], group["max_unorm"],
+                    param_norm, beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, 1.0, skip_zeros,
                 )
             if target is not p:
                 p.copy_(target)
+        for (eight_bit, _, _, step, _, _), index in batches.items():
+            self._multi_tensor_step(group, eight_bit, step, lr, [params[i] for i in index], [grads[i] for i in index],
+                                    [state1s[i] for i in index], [state2s[i] for i in index], qmap1s[index[0]],
+                                    qmap2s[index[0]], [absmax1s[i] for i in index], [absmax2s[i] for i in index])
+
+    def _multi_tensor_step(self, group, eight_bit, step, lr, params, grads, state1s, state2s, qmap1, qmap2, absmax1s, absmax2s) -> None:
+        """One Triton launch for CUDA tensors of one dtype and step (shapes checked as the ops do)."""
+        from ..kernels import optim as kernels
+        from ..ops.optim import check_optimizer_update_8bit_blockwise, check_optimizer_update_32bit
+
+        name = self.optimizer_name
+        beta1, beta2, beta3, alpha = self._hyperparameters(group, step)
+        two_state = self.num_states == 2
+        for i, p in enumerate(params):
+            if eight_bit:
+                check_optimizer_update_8bit_blockwise(name, grads[i], p, state1s[i], state2s[i], step, qmap1, qmap2, absmax1s[i], absmax2s[i])
+            else:
+                check_optimizer_update_32bit(name, grads[i], p, state1s[i], state2s[i], None, 0.0, 0.0, step)
+        if eight_bit:
+            kernels.multi_update_8bit_blockwise(
+                name, grads, params, state1s, state2s if two_state else None, absmax1s, absmax2s if two_state else None,
+                qmap1, qmap2, beta1, beta2, beta3, alpha, group["eps"], step, lr, group["weight_decay"], 1.0, group["skip_zeros"],
+            )
+        else:
+            kernels.multi_update_32bit(
+                name, grads, params, state1s, state2s if two_state else None, beta1, beta2, beta3, alpha,
+                group["eps"], step, lr, group["weight_decay"], 1.0, group["skip_zeros"],
+            )
 
     def _compiled_group_step(self, group, params, grads, steps, state1s, state2s, qmap1s, qmap2s, absmax1s, absmax2s, unorm_vecs) -> None:
-        raise RuntimeError("compiled step: functional optimizer API not wired yet")
+        """Traced update: the functional ops with ``lr``, ``step`` (and AdEMAMix's scheduled
+        ``alpha``/``beta3``) as tensors, so a tensor ``lr`` changed by a scheduler and the growing
+        step count are graph inputs, not constants that would force a recompile."""
+        from ..ops.optim_functional import step_8bit_blockwise, step_32bit
+
+        lr = group["lr"]
+        betas = group["betas"]
+        for i, p in enumerate(params):
+            steps[i] += 1
+            step = steps[i] if steps[i].device == p.device else steps[i].to(p.device)
+            lr_i = lr.to(p.device) if isinstance(lr, torch.Tensor) and lr.device != p.device else lr
+            beta3, alpha = self._scheduled_tensors(group, step)
+            common = dict(lr=lr_i, step=step, beta1=betas[0], beta2=betas[1], beta3=beta3, alpha=alpha,
+                          eps=group["eps"], weight_decay=group["weight_decay"], skip_zeros=group["skip_zeros"])
+            grad = grads[i].contiguous()
+            if state1s[i].dtype == torch.uint8:
+                step_8bit_blockwise(self.optimizer_name, grad, p, state1s[i], state2s[i], qmap1s[i], qmap2s[i],
+                                    absmax1s[i], absmax2s[i], **common)
+            else:
+                max_unorm = group["max_unorm"]
+                param_norm = p.float().norm() if max_unorm > 0.0 else None
+                step_32bit(self.optimizer_name, grad, p, state1s[i], state2s[i], max_unorm=max_unorm,
+                           param_norm=param_norm, unorm_vec=unorm_vecs[i], **common)
+
+    def _scheduled_tensors(self, group: dict[str, Any], step: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """``(beta3, alpha)`` for the traced step: AdEMAMix's schedules as float64 tensor math
+        (the formulas of :func:`ademamix_schedule`), constants otherwise."""
+        if self.optimizer_name != "ademamix":
+            return 0.0, 0.0
+        beta1, beta3 = group["betas"][0], group["betas"][2]
+        alpha, t_alpha, t_beta3 = group["alpha"], group["t_alpha"], group["t_beta3"]
+        step64 = step.to(torch.float64)
+        alpha_t: float | torch.Tensor = torch.clamp(step64 * alpha / t_alpha, max=alpha) if t_alpha else alpha
+        beta3_t: float | torch.Tensor = beta3
+        if t_beta3:
+            ln_beta1, ln_beta3 = math.log(beta1), math.log(beta3)
+            scale = step64 / t_beta3
+            beta3_t = torch.clamp(torch.exp(ln_beta1 * ln_beta3 / ((1 - scale) * ln_beta3 + scale * ln_beta1)), max=beta3)
+        return beta3_t, alpha_t
 
     # ------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict[str, Any]:
