@@ -119,9 +119,11 @@ def gemv_4bit(
     """``A @ W.T`` where ``W [N, K]`` is 4-bit packed in ``B`` with the 16-entry table ``code``.
 
     The weight is dequantized to A's dtype, then multiplied as ``F.linear`` does; works for any
-    number of leading rows of A (bitsandbytes' CUDA gemv reads only the first)."""
+    number of leading rows of A (bitsandbytes' CUDA gemv reads only the first). A is made
+    contiguous first: BLAS sums in a layout-dependent order, and a strided A must give the same
+    bits as its contiguous copy."""
     weight = dequantize_4bit(B, absmax, blocksize, "", shapeB, A.dtype, code=code)
-    return F.linear(A, weight)
+    return F.linear(A.contiguous(), weight)
 
 
 def gemm_4bit(
@@ -137,7 +139,8 @@ def gemm_4bit(
     absmax_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(A, dequantize_4bit(W).to(A.dtype), bias)`` for any number of rows of A,
-    with optional double-quantized absmax (see :func:`resolve_absmax`)."""
+    with optional double-quantized absmax (see :func:`resolve_absmax`); A is made contiguous
+    first, as in :func:`gemv_4bit`."""
     scales = resolve_absmax(absmax, absmax_8bit, absmax_code, absmax_offset)
     weight = dequantize_4bit(B, scales, blocksize, quant_type, shapeB, A.dtype)
-    return F.linear(A, weight, bias)
+    return F.linear(A.contiguous(), weight, bias)
