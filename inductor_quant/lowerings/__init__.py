@@ -1,1 +1,36 @@
-"""Inductor IR lowerings of the quant ops, so compiled graphs fuse them with their neighbours."""
+"""Inductor IR lowerings of the quant ops, so compiled graphs fuse them with their neighbours.
+
+Inductor keeps one process-global table of lowerings (``torch._inductor.lowering.lowerings``).
+Entries are keyed by op, so ours only change how graphs that *contain* ``inductor_quant`` ops are
+compiled: without them those ops run as opaque fallback calls, with them they become IR that
+fuses with neighbouring pointwise work. Importing ``inductor_quant`` registers nothing;
+:func:`register_lowerings` installs them (once per process) and is called by
+``inductor_quant.compile`` and by the post-grad pass (``inductor_quant.patterns``), which runs
+before Inductor lowers the graph. Code that compiles our ops with a plain ``torch.compile`` and
+wants them fused calls it once up front (the optimizer classes do, when constructed).
+"""
+
+from __future__ import annotations
+
+import functools
+
+__all__ = ["register_lowerings", "lowering_files"]
+
+
+@functools.lru_cache(maxsize=None)
+def register_lowerings() -> None:
+    """Install the lowerings of every ``inductor_quant`` op that has one (idempotent)."""
+    from . import blockwise, fourbit, optim
+
+    blockwise.register()
+    fourbit.register()
+    optim.register()
+
+
+def lowering_files() -> tuple[str, ...]:
+    """Source files of the lowerings (hashed into the pass uuid, so editing them invalidates the
+    FX graph cache)."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return tuple(sorted(os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py")))
