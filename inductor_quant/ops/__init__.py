@@ -6,6 +6,7 @@ are registered by ``inductor_quant.ops.triton_registrations`` when Triton and a 
 
 from . import blockwise, fourbit, gemm, optim  # noqa: F401  (registration side effects)
 from . import optim_functional  # noqa: F401  (functional optimizer steps for compiled graphs)
+from . import matmul_8bit  # noqa: F401  (linear_8bit: the 8-bit weight matmul of the dequant+linear pass)
 from . import autograd  # noqa: F401  (QLoRA backward of gemm_4bit)
 from . import triton_gemm  # noqa: F401  (Triton GPU kernels of gemv_4bit / gemm_4bit)
 from . import triton_quant  # noqa: F401  (Triton GPU kernels of the quantize / dequantize ops)
