@@ -210,7 +210,7 @@ def quantize_state_dict(
     skipped: list[str] = []
     out: dict[str, torch.Tensor] = {}
     bytes_before = bytes_after = 0
-    for key in progress_bar(list(state_dict), "quantizing", progress):
+    for key in progress_bar(list(state_dict), "quantizing", progress, unit="tensor"):
         tensor = state_dict[key]
         bytes_before += tensor.numel() * tensor.element_size()
         decision = None if key in already else _should_quantize(key, tensor, skip, include)

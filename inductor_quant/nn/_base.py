@@ -170,8 +170,11 @@ class QuantizedLinear(nn.Module, abc.ABC):
             if entries:
                 self.load_quantized(weight, entries, prefix, device)
             elif weight.is_floating_point() and tuple(weight.shape) == tuple(self.weight_shape):
+                # As nn.Module: copying casts to the layer's dtype, assigning keeps the checkpoint's
+                # (unless the quantizer cannot take it, e.g. float64).
+                keep = assign and weight.dtype in FLOAT_DTYPES
                 with torch.no_grad():
-                    self.set_weight(weight.to(device=device, dtype=weight.dtype if assign else self.weight_dtype))
+                    self.set_weight(weight.to(device=device, dtype=weight.dtype if keep else self.weight_dtype))
             else:
                 raise CheckpointFormatError(
                     f"{weight_key}: expected a floating-point weight of shape {tuple(self.weight_shape)} or a packed "

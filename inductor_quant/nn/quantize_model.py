@@ -61,7 +61,7 @@ def module_bytes(module: nn.Module) -> int:
     return total
 
 
-def progress_bar(iterable: Sequence[T], desc: str, enabled: bool) -> Iterator[T]:
+def progress_bar(iterable: Sequence[T], desc: str, enabled: bool, unit: str = "layer") -> Iterator[T]:
     """Iterate with a progress bar on stderr when ``enabled``: tqdm's if installed, else a
     one-line counter."""
     if not enabled:
@@ -76,7 +76,7 @@ def progress_bar(iterable: Sequence[T], desc: str, enabled: bool) -> Iterator[T]
             yield item
         print(f"\r{desc}: {total}/{total}", file=sys.stderr, flush=True)
         return
-    yield from tqdm(iterable, desc=desc, unit="layer", file=sys.stderr)
+    yield from tqdm(iterable, desc=desc, unit=unit, file=sys.stderr)
 
 
 def _format_bytes(n: int) -> str:
