@@ -10,3 +10,4 @@ from . import matmul_8bit  # noqa: F401  (linear_8bit: the 8-bit weight matmul o
 from . import autograd  # noqa: F401  (QLoRA backward of gemm_4bit)
 from . import triton_gemm  # noqa: F401  (Triton GPU kernels of gemv_4bit / gemm_4bit)
 from . import triton_quant  # noqa: F401  (Triton GPU kernels of the quantize / dequantize ops)
+from . import triton_optim  # noqa: F401  (Triton GPU kernels of the optimizer updates)
