@@ -118,7 +118,7 @@ def load_quantized(
     strict: bool = True,
     assign: bool = False,
     device: torch.device | str = "cpu",
-):
+) -> torch.nn.modules.module._IncompatibleKeys:
     """Load a checkpoint (a file path or a state dict) into ``model``.
 
     Every ``nn.Linear`` whose weight the checkpoint stores quantized (it has a
