@@ -208,22 +208,34 @@ def test_search_tables_of_dynamic_maps():
     assert kernels.bucket_keys(torch.tensor([-1e-30, -0.0, 0.0, 1e-30])).tolist() == [kernels.LUT_SIDE.value - 1] * 2 + [kernels.LUT_SIDE.value] * 2
 
 
-def crowded_map(gen: torch.Generator) -> torch.Tensor:
-    """A sorted 256-entry map with 40 entries packed into one bucket (tree search needed)."""
-    values = torch.cat([torch.rand(215, generator=gen) * 2 - 1, 0.3 + torch.rand(40, generator=gen) * 1e-3, torch.zeros(1)])
+def crowded_map(gen: torch.Generator, crowd: int) -> torch.Tensor:
+    """A sorted 256-entry map with ``crowd`` entries packed into one search bucket near 0.3."""
+    rest = torch.rand(255 - crowd, generator=gen) * 2 - 1
+    values = torch.cat([rest, 0.3 + torch.rand(crowd, generator=gen) * 1e-3, torch.zeros(1)])
     return torch.sort(values)[0]
 
 
-@pytest.mark.parametrize("gather", [False, True])
-def test_8bit_tree_search_for_crowded_maps(gather):
+@pytest.mark.parametrize("crowd,search,gather", [(40, 1, False), (40, 1, True), (4, 0, False)])
+def test_8bit_crowded_maps(crowd, search, gather):
+    """Maps whose buckets hold several midpoints: up to 4 compares after the bucket lookup, or
+    the tree search beyond that. Momentum at step 1 without decay stores ``m = g`` exactly, and
+    every block holds a 1.0, so the normalized values are ``g`` itself, half of them among the
+    crowded codes."""
     gen = torch.Generator().manual_seed(4)
-    case = make_8bit("adam", 2000, torch.float32, gen)
-    qmap1 = crowded_map(gen)
+    case = make_8bit("momentum", 2048 + 700, torch.float32, gen)
+    qmap1 = crowded_map(gen, crowd)
     case["qmap1"] = qmap1
-    case["state1"], case["absmax1"] = quantize_blockwise(torch.randn(2000, generator=gen) * 0.01, qmap1, 256)
-    assert kernels.search_tables(qmap1, case["qmap2"]).search == kernels.SEARCH_TREE
-    h = hyper("adam", gen)
-    assert_8bit(run_8bit("adam", case, h, gather=gather), reference_8bit("adam", case, h), case["p"])
+    n = case["g"].numel()
+    crowded = 0.3 + torch.rand(n, generator=gen) * 1e-3
+    g = torch.where(torch.rand(n, generator=gen) < 0.5, crowded, torch.rand(n, generator=gen) * 2 - 1)
+    g[::256] = 1.0
+    case["g"] = g
+    tables = kernels.search_tables(qmap1, None)
+    assert tables.search == search and (search == kernels.SEARCH_TREE or 2 <= tables.k <= kernels.MAX_BUCKET_CODES)
+    h = hyper("momentum", gen, step=1, weight_decay=0.0, gnorm_scale=1.0)
+    out, ref = run_8bit("momentum", case, h, gather=gather), reference_8bit("momentum", case, h)
+    assert torch.equal(out["state1"], ref.state1)
+    assert_8bit(out, ref, case["p"])
 
 
 @pytest.mark.parametrize("options", [dict(gather=True), dict(gather_lut=True), dict(blocks=4, num_warps=4)], ids=str)

@@ -207,7 +207,10 @@ def _nearest_code(
         low = _lookup(lut, lut_ptr, _bucket(x), BLOCKS, GATHER_LUT).to(tl.int32)
         code = low
         for j in tl.static_range(K):
-            index = low if j == 0 else tl.minimum(low + j, 255)
+            if j == 0:
+                index = low
+            else:
+                index = tl.minimum(low + j, 255)  # midpoint 255 is +inf: indices past it count nothing
             code += (_lookup(mids, mids_ptr, index, BLOCKS, GATHER) < x).to(tl.int32)
     else:
         node = 2 + (x > tl.load(mids_ptr + 1)).to(tl.int32)
@@ -447,7 +450,10 @@ def _update_32bit_tile(
     TWO_STATE: tl.constexpr = OPT == ADAM or OPT == ADEMAMIX
     SKIP: tl.constexpr = SKIP_ZEROS and OPT != ADEMAMIX
     offs = tl.arange(0, BLOCK)
-    mask = offs < remaining if MASKED else None
+    if MASKED:
+        mask = offs < remaining
+    else:
+        mask = None
     raw_g = _load(g_ptr + offs, mask, MASKED).to(tl.float32)
     p_old = _load(p_ptr + offs, mask, MASKED).to(tl.float32)
     s1 = _load(s1_ptr + offs, mask, MASKED)
