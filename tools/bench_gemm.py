@@ -117,11 +117,11 @@ def run(copy_bw: float, shapes=SHAPES, ms=MS) -> list[benchlib.Row]:
                 raise AssertionError(f"inductor_quant {_op_name(M)} {shape}: relative error {err:.2e}")
             path = kernels.fused_path(M, p.B, K, BLOCKSIZE) if M <= kernels.FUSED_MAX_M else "dequant+linear"
             rows.append(benchlib.make_row(_op_name(M), shape, "inductor_quant", benchlib.bench(ours), p.quant_bytes(M),
-                                          copy_bw, f"{path}, rel err {err:.1e}"))
+                                          copy_bw, f"{path}, rel err {err:.1e}, host {_cpu_us_per_call(ours):.0f} us/call"))
             theirs = _theirs(p, A)
             if theirs is not None:
                 rows.append(benchlib.make_row(_op_name(M), shape, "bnb", benchlib.bench(theirs), p.quant_bytes(M),
-                                              copy_bw))
+                                              copy_bw, f"host {_cpu_us_per_call(theirs):.0f} us/call"))
             rows.append(benchlib.make_row(_op_name(M), shape, "torch bf16 linear",
                                           benchlib.bench(lambda: F.linear(A, p.W)), p.bf16_bytes(M), copy_bw))
         del p
@@ -137,9 +137,9 @@ def run(copy_bw: float, shapes=SHAPES, ms=MS) -> list[benchlib.Row]:
 def gemv_configs() -> list[kernels.KernelConfig]:
     return [
         kernels.KernelConfig(block_n=bn, block_k=bk, num_warps=nw)
-        for bn in (2, 4, 8, 16)
+        for bn in (2, 4, 8)
         for bk in (256, 512, 1024)
-        for nw in (2, 4, 8)
+        for nw in (2, 4)
         if bn * bk // 8 >= 32 * nw and bn * bk // (32 * nw) <= 64
     ]
 
@@ -147,15 +147,14 @@ def gemv_configs() -> list[kernels.KernelConfig]:
 def dot_configs(block_m: int) -> list[kernels.KernelConfig]:
     configs = [
         kernels.KernelConfig(block_n=bn, block_k=bk, num_warps=nw, block_m=block_m)
-        for bn in (32, 64, 128)
+        for bn in (64, 128)
         for bk in (64, 128, 256)
         for nw in (4, 8)
-        if bn * bk // (32 * nw) <= 128 and bn * bk // 8 >= 32 * nw and not (bn == 32 and nw == 8)
-        and not (block_m == 64 and bn == 32)
+        if bn * bk // (32 * nw) <= 128 and bn * bk // 8 >= 32 * nw
     ]
     configs += [
-        kernels.KernelConfig(block_n=bn, block_k=bk, num_warps=4, block_m=block_m, num_stages=3)
-        for bn, bk in ((64, 128), (64, 256), (128, 128))
+        kernels.KernelConfig(block_n=64, block_k=128, num_warps=4, block_m=block_m, split_k=split)
+        for split in (1, 2, 4, 8, 16)
     ]
     return configs
 
@@ -183,7 +182,7 @@ def sweep(copy_bw: float, shapes=SHAPES) -> dict:
             candidates = []
             if M == 1:
                 candidates += [("gemv", cfg) for cfg in gemv_configs()]
-            block_ms = (16,) if M <= 16 else (32, 64)
+            block_ms = (16,) if M <= 16 else (64,)
             candidates += [("dot", cfg) for bm in block_ms for cfg in dot_configs(bm)]
             timed = []
             for path, cfg in candidates:
@@ -219,12 +218,12 @@ def _crossover(copy_bw: float) -> list[str]:
         ideal_deq = (benchlib.tensor_bytes(p.B, p.absmax) + 2 * N * K) / (0.9 * copy_bw) * 1e6
         lines.append(f"{N}x{K}: dequant op-path {t_ref_deq:.1f} us, bnb dequant {t_bnb_deq:.1f} us, "
                      f"90%-copy dequant {ideal_deq:.1f} us")
-        for M in (32, 64, 96, 128, 192, 256, 512):
+        for M in (64, 96, 128, 192, 256, 384):
             A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
             fused = []
-            for bm in (32, 64):
-                for bn, bk, nw in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 256, 4)):
+            for bm in (64, 128):
+                for bn, bk, nw in ((64, 128, 4), (128, 128, 8), (128, 64, 8), (64, 64, 4)):
                     cfg = kernels.KernelConfig(block_n=bn, block_k=bk, num_warps=nw, block_m=bm)
                     fused.append((_time_config(p, A, "dot", cfg, out), cfg))
             t_fused, cfg = min(fused, key=lambda x: x[0])
@@ -238,14 +237,42 @@ def _crossover(copy_bw: float) -> list[str]:
     return lines
 
 
+def profile(path: str) -> None:
+    """Launch one kernel a few times on 28672x8192 (for ``ncu -k regex:<kernel>``)."""
+    p = Problem(28672, 8192)
+    M = 1 if path == "gemv" else 16
+    A = torch.randn(M, p.K, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        kernels.gemm_4bit_fused(A, p.B, p.N, p.K, p.absmax, p.code, BLOCKSIZE, path=path)
+    torch.cuda.synchronize()
+
+
+def _cpu_us_per_call(fn, calls: int = 200) -> float:
+    """Host time per call, launches queued back to back (the eager overhead of an op)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="bench_gemm.json", help="where to write the results")
     parser.add_argument("--sweep", action="store_true", help="time every tile config and the M crossover")
+    parser.add_argument("--profile", choices=("gemv", "dot"), help="only launch one kernel (for ncu)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gemm: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
         return 2
+    if args.profile:
+        profile(args.profile)
+        return 0
     copy_bw = benchlib.measure_copy_bandwidth()
     meta = {**benchlib.environment(), "copy_bandwidth_TBps": copy_bw / 1e12}
     print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
@@ -261,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(copy_bw)
     benchlib.write_json(args.json, rows, meta)
     print(benchlib.format_table(rows))
+    for row in rows:
+        if row.note:
+            print(f"{row.op} {row.shape} {row.impl}: {row.note}")
     return 0
 
 

@@ -28,6 +28,7 @@ Triton interpreter and other backends use the gather (``USE_SHFL=False``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ class KernelConfig:
     num_warps: int
     block_m: int = 1
     num_stages: int = 1
+    split_k: int | None = None  # dot kernel: None = enough K-splits to fill the GPU
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def _gemv_4bit_kernel(
     offset = _absmax_offset(absmax_offset, NESTED)
     lane_code = _lane_code(code) if USE_SHFL else 0.0
 
-    acc = tl.zeros([BLOCK_N, NB, GROUP], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, NB, WG], dtype=tl.float32)
     words = tl.load(words_ptrs)
     scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk, NESTED)
     for k0 in range(0, K, BLOCK_K):
@@ -172,8 +174,10 @@ def _gemv_4bit_kernel(
         words_next = tl.load(words_ptrs + k_next // 8)
         scale_next = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_next // BLOCKSIZE, NESTED)
         a = tl.load(a_ptrs + k0).to(tl.float32)
-        w = _dequant_words(words, scale[:, :, None], lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
-        acc += w * a[None, :, :]
+        codes = _dequant_words(words, 1.0, lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
+        # Sum each word's 8 products (all in one thread), then scale once per word.
+        per_word = tl.sum(tl.reshape(codes * a[None, :, :], [BLOCK_N, NB, WG, 8]), axis=3)
+        acc += per_word * scale[:, :, None]
         words = words_next
         scale = scale_next
     res = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -184,20 +188,24 @@ def _gemv_4bit_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _gemm_4bit_dot_kernel(
-    A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
+    A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out, workspace, counters,
     M, N, K, stride_am, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_SHFL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``out[m-tile, n-tile]`` with the dequantized weight tile rounded to A's dtype and ``tl.dot``.
 
-    Needs ``K % BLOCK_K == 0`` and ``K % BLOCKSIZE == 0``. Program ids run over M-tiles fastest, so
-    the programs sharing a weight tile are scheduled together. Loads run one K-tile ahead."""
+    Needs ``K % (SPLIT_K * BLOCK_K) == 0`` and ``K % BLOCKSIZE == 0``. Loads run one K-tile ahead.
+    With ``SPLIT_K > 1`` each of the ``SPLIT_K`` programs of a tile sums one slice of K into
+    ``workspace [SPLIT_K, M, N]`` (fp32) and bumps ``counters[tile]``; the last to arrive adds the
+    slices in split order (deterministic), writes ``out`` and resets the counter to 0."""
     pid = tl.program_id(0)
+    split = pid % SPLIT_K
+    tile = pid // SPLIT_K
     num_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % num_m
-    pid_n = pid // num_m
+    pid_m = tile % num_m  # M-tiles of one weight tile are neighbours: the tile is read from L2
+    pid_n = tile // num_m
     GROUP: tl.constexpr = min(BLOCKSIZE, BLOCK_K)
     NB: tl.constexpr = BLOCK_K // GROUP
     WG: tl.constexpr = GROUP // 8
@@ -217,11 +225,14 @@ def _gemm_4bit_dot_kernel(
     offset = _absmax_offset(absmax_offset, NESTED)
     lane_code = _lane_code(code) if USE_SHFL else 0.0
 
+    k_len = K // SPLIT_K
+    k_begin = split * k_len
+    k_last = k_begin + k_len - BLOCK_K
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    words = tl.load(words_ptrs)
-    scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk, NESTED)
-    for k0 in range(0, K, BLOCK_K):
-        k_next = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+    words = tl.load(words_ptrs + k_begin // 8)
+    scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_begin // BLOCKSIZE, NESTED)
+    for k0 in range(k_begin, k_begin + k_len, BLOCK_K):
+        k_next = tl.minimum(k0 + BLOCK_K, k_last)
         words_next = tl.load(words_ptrs + k_next // 8)
         scale_next = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_next // BLOCKSIZE, NESTED)
         w = _dequant_words(words, scale[:, :, None], lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
@@ -230,10 +241,30 @@ def _gemm_4bit_dot_kernel(
         acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
         words = words_next
         scale = scale_next
+
+    mask = (rows[:, None] < N) & (ms[None, :] < M)
+    tile_offsets = ms[None, :].to(tl.int64) * N + rows[:, None]
+    if SPLIT_K > 1:
+        tl.store(workspace + split * M * N + tile_offsets, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the counter is released
+        arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(workspace + s * M * N + tile_offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counters + tile, 0)
+            _store_out(acc, bias, rows_c, out, ms, rows, stride_om, mask, HAS_BIAS)
+    else:
+        _store_out(acc, bias, rows_c, out, ms, rows, stride_om, mask, HAS_BIAS)
+
+
+@triton.jit
+def _store_out(acc, bias, rows_c, out, ms, rows, stride_om, mask, HAS_BIAS: tl.constexpr):
+    """``out[m, n] = acc[n, m] (+ bias[n])`` in out's dtype."""
     if HAS_BIAS:
         acc += tl.load(bias + rows_c).to(tl.float32)[:, None]
     out_ptrs = out + ms[None, :].to(tl.int64) * stride_om + rows[:, None]
-    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=(rows[:, None] < N) & (ms[None, :] < M))
+    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -288,6 +319,11 @@ def fused_path(M: int, B: torch.Tensor, K: int, blocksize: int) -> str:
     return "gemv" if M == 1 else "dot"
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv is a JIT-aware wrapper that costs ~10 us per host call.
+    return (a + b - 1) // b
+
+
 def _largest_dividing_pow2(K: int, limit: int) -> int:
     """Largest power of two ``<= limit`` that divides ``K`` (``K`` a multiple of 32)."""
     block = limit
@@ -298,17 +334,51 @@ def _largest_dividing_pow2(K: int, limit: int) -> int:
 
 def _gemv_config(N: int, K: int) -> KernelConfig:
     block_k = _largest_dividing_pow2(K, 512)
-    return KernelConfig(block_n=8, block_k=block_k, num_warps=4)
+    return KernelConfig(block_n=4, block_k=block_k, num_warps=4)
 
 
 def _dot_config(M: int, N: int, K: int) -> KernelConfig:
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_k = _largest_dividing_pow2(K, 256)
+    block_k = _largest_dividing_pow2(K, 128)
     return KernelConfig(block_n=64, block_k=block_k, num_warps=4, block_m=block_m)
 
 
 def _generic_config(M: int, N: int, K: int) -> KernelConfig:
     return KernelConfig(block_n=64, block_k=64, num_warps=4, block_m=16 if M <= 16 else 32)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _split_k(tiles: int, K: int, block_k: int, device: torch.device) -> int:
+    """K-splits for the dot kernel: double while there are fewer than 4 programs per
+    multiprocessor and each split keeps at least 4 K-tiles."""
+    target = 4 * _multiprocessors(device)
+    split = 1
+    while tiles * split < target and K % (2 * split * block_k) == 0 and K // (2 * split) >= 4 * block_k:
+        split *= 2
+    return split
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(tiles: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the split-K reduction, one buffer per (device, stream).
+
+    The kernel resets every counter it uses, so the buffer is reused without a memset; launches on
+    one stream are ordered, and each stream has its own buffer."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -369,7 +439,7 @@ def gemm_4bit_fused(
     common = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None)
     if path == "gemv":
         cfg = config or _gemv_config(N, K)
-        grid = (triton.cdiv(N, cfg.block_n) * M,)
+        grid = (_cdiv(N, cfg.block_n) * M,)
         _gemv_4bit_kernel[grid](
             A, *args, M, N, K, A.stride(0), out.stride(0), **common,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=use_shfl,
@@ -377,15 +447,21 @@ def gemm_4bit_fused(
         )
     elif path == "dot":
         cfg = config or _dot_config(M, N, K)
-        grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m),)
-        _gemm_4bit_dot_kernel[grid](
-            A, *args, M, N, K, A.stride(0), out.stride(0), **common,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=use_shfl,
+        tiles = _cdiv(N, cfg.block_n) * _cdiv(M, cfg.block_m)
+        split_k = cfg.split_k or _split_k(tiles, K, cfg.block_k, A.device)
+        if split_k > 1:
+            workspace = torch.empty((split_k, M, N), dtype=torch.float32, device=A.device)
+            counters = _counters(tiles, A.device)
+        else:
+            workspace = counters = dummy
+        _gemm_4bit_dot_kernel[(tiles * split_k,)](
+            A, *args, workspace, counters, M, N, K, A.stride(0), out.stride(0), **common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, USE_SHFL=use_shfl,
             DOT_PRECISION=_dot_precision(A.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif path == "generic":
         cfg = config or _generic_config(M, N, K)
-        grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m),)
+        grid = (_cdiv(N, cfg.block_n) * _cdiv(M, cfg.block_m),)
         _gemm_4bit_generic_kernel[grid](
             A, *args, M, N, K, A.stride(0), A.stride(1), out.stride(0), **common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

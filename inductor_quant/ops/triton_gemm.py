@@ -20,6 +20,37 @@ from .gemm import GEMM_4BIT, GEMV_4BIT, NESTED_BLOCKSIZE, check_gemm_4bit, check
 
 DEVICE_TYPES = ("cuda", "xpu")
 
+# Argument signatures (shapes, dtypes, devices, ints, strings) that passed the checks. The checks
+# read only this metadata, and formatting their messages costs more than a small GEMV runs on the
+# GPU, so a signature is checked once and then recognised. Bounded: cleared when full.
+_CHECKED: set = set()
+_CHECKED_MAX = 4096
+
+
+def _meta(t: torch.Tensor | None):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _check_once(check, key, *args) -> None:
+    if key in _CHECKED:
+        return
+    check(*args)
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED.add(key)
+
+
+def _checked_gemv(A, B, shapeB, absmax, code, blocksize) -> None:
+    key = ("gemv", _meta(A), _meta(B), tuple(shapeB), _meta(absmax), _meta(code), blocksize)
+    _check_once(check_gemv_4bit, key, A, B, shapeB, absmax, code, blocksize)
+
+
+def _checked_gemm(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset) -> None:
+    key = ("gemm", _meta(A), _meta(B), tuple(shapeB), _meta(absmax), blocksize, quant_type, _meta(bias),
+           _meta(absmax_8bit), _meta(absmax_code), _meta(absmax_offset))
+    _check_once(check_gemm_4bit, key, A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                absmax_offset)
+
 
 @functools.lru_cache(maxsize=None)
 def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
@@ -97,12 +128,12 @@ def _gemv(A, B, shapeB, absmax, code, blocksize, out=None):
 
 
 def _gemv_4bit_gpu(A, B, shapeB, absmax, code, blocksize):
-    check_gemv_4bit(A, B, shapeB, absmax, code, blocksize)
+    _checked_gemv(A, B, shapeB, absmax, code, blocksize)
     return _gemv(A, B, shapeB, absmax, code, blocksize)
 
 
 def _gemv_4bit_out_gpu(A, B, shapeB, absmax, code, blocksize, out):
-    check_gemv_4bit(A, B, shapeB, absmax, code, blocksize)
+    _checked_gemv(A, B, shapeB, absmax, code, blocksize)
     check_out(out, [*A.shape[:-1], shapeB[0]], A.dtype, A.device)
     if out.is_contiguous():
         _gemv(A, B, shapeB, absmax, code, blocksize, out=out)
@@ -112,7 +143,7 @@ def _gemv_4bit_out_gpu(A, B, shapeB, absmax, code, blocksize, out):
 
 def _gemm_4bit_gpu(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
                    absmax_offset=None):
-    check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
+    _checked_gemm(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
     N, K = shapeB
     if _rows(A) <= kernels.FUSED_MAX_M or K == 0:
         code = _code_table(quant_type, A.device)
