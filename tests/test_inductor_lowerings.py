@@ -1,0 +1,234 @@
+"""Inductor lowerings of the quantize/dequantize ops (CPU, C++ backend).
+
+Each compiled result is compared bit for bit with the eager op (the pure-torch reference on CPU),
+and the generated code is checked: the op must be lowered (no call of the op itself) and a
+dequantize followed by elementwise work must be one kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor.utils import run_and_get_code
+
+from inductor_quant.code_tables import dynamic_map
+from inductor_quant.lowerings import register_lowerings
+
+iq = torch.ops.inductor_quant
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _inductor(tmp_path_factory):
+    """Lowerings on, a private Inductor cache for this module, no FX graph cache (every compile
+    must run the lowering), compiles in-process, scalar C++ (it builds in half the time of the
+    vectorized code; ``test_quantize_lowerings_bit_exact`` also runs the vectorized code)."""
+    register_lowerings()
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
+    with inductor_config.patch(fx_graph_cache=False, compile_threads=1, **{"cpp.simdlen": 1}):
+        yield
+    if old is None:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
+def compiled(fn, *args, dynamic=False):
+    """Compile ``fn`` (fullgraph), run it once, return (outputs, generated source)."""
+    torch._dynamo.reset()
+    out, source = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=dynamic), *args)
+    return out, "\n".join(source)
+
+
+def kernel_count(source: str) -> int:
+    return source.count("async_compile.cpp_pybinding(")
+
+
+def assert_lowered(source: str, op: str) -> None:
+    assert f"torch.ops.inductor_quant.{op}.default(" not in source, f"{op} was not lowered (fallback call in the generated code)"
+
+
+def assert_bit_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def special_values(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Fresh random data with an all-zero block, an exact code value and a tie (if room)."""
+    flat = x.view(-1)
+    if flat.numel() >= 3 * blocksize:
+        flat[blocksize : 2 * blocksize] = 0.0
+    flat[0] = 1.0
+    return x
+
+
+# Cases are batched into one compiled function per test: one C++ build serves them all (the
+# build, not the lowering, dominates the time of a CPU compile).
+
+DEQUANT_4BIT_CASES = [
+    # quant_type, quant_storage, shape, blocksize, output dtype
+    ("nf4", torch.uint8, (64, 96), 64, torch.float32),
+    ("fp4", torch.uint8, (1000,), 256, torch.bfloat16),  # partial last block
+    ("nf4", torch.bfloat16, (48, 40), 128, torch.float16),  # quant_storage view, partial block
+    ("fp4", torch.uint8, (7, 9), 32, torch.float32),  # odd numel: padded last nibble
+]
+DEQUANT_8BIT_CASES = [((64, 64), 64, torch.float32), ((3, 333), 256, torch.bfloat16)]
+
+
+def test_dequantize_lowerings_bit_exact():
+    code = dynamic_map()
+    inputs = []
+    for quant_type, storage, shape, blocksize, _ in DEQUANT_4BIT_CASES:
+        inputs += iq.quantize_4bit(special_values(torch.randn(shape), blocksize), blocksize, quant_type, storage)
+    for shape, blocksize, _ in DEQUANT_8BIT_CASES:
+        inputs += iq.quantize_blockwise(special_values(torch.randn(shape), blocksize), code, blocksize)
+
+    def fn(*tensors):
+        outs = []
+        for i, (quant_type, _, shape, blocksize, dtype) in enumerate(DEQUANT_4BIT_CASES):
+            outs.append(iq.dequantize_4bit(tensors[2 * i], tensors[2 * i + 1], blocksize, quant_type, list(shape), dtype))
+        for j, (_, blocksize, dtype) in enumerate(DEQUANT_8BIT_CASES):
+            k = 2 * (len(DEQUANT_4BIT_CASES) + j)
+            outs.append(iq.dequantize_blockwise(tensors[k], tensors[k + 1], code, blocksize, dtype))
+        return outs
+
+    out, source = compiled(fn, *inputs)
+    assert_lowered(source, "dequantize_4bit")
+    assert_lowered(source, "dequantize_blockwise")
+    for actual, expected in zip(out, fn(*inputs)):
+        assert_bit_equal(actual, expected)
+
+
+def test_dequantize_lowering_dynamic_shape():
+    """Symbolic sizes (partial blocks): one compile serves two different weight sizes."""
+    code = dynamic_map()
+
+    def fn(codes, absmax, packed, absmax4, rows):
+        return (
+            iq.dequantize_blockwise(codes, absmax, code, 64, torch.float32),
+            iq.dequantize_4bit(packed, absmax4, 64, "nf4", [rows.shape[0], 100], torch.float32),
+        )
+
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(fn, fullgraph=True, dynamic=True)
+    for rows in (5, 11):
+        x = torch.randn(rows, 100)
+        args = (*iq.quantize_blockwise(x, code, 64), *iq.quantize_4bit(x, 64, "nf4", torch.uint8), torch.empty(rows))
+        for actual, expected in zip(compiled_fn(*args), fn(*args)):
+            assert_bit_equal(actual, expected)
+
+
+QUANT_8BIT_CASES = [((32, 64), 64, torch.float32), ((1000,), 256, torch.bfloat16), ((3, 37), 64, torch.float16)]
+QUANT_4BIT_CASES = [
+    # quant_type, shape, blocksize, quant_storage
+    ("nf4", (64, 64), 64, torch.uint8),  # whole blocks: pair reduction fused with the packing
+    ("fp4", (1000,), 256, torch.uint8),  # partial last block
+    ("nf4", (7, 9), 32, torch.uint8),  # odd numel
+    ("fp4", (32, 32), 128, torch.bfloat16),  # quant_storage view
+]
+
+
+def _with_specials(shape, blocksize, dtype=torch.float32):
+    """Fresh random data with a zero block, a NaN block, an Inf block and a -0.0 (where room)."""
+    x = special_values(torch.randn(shape), blocksize).to(dtype)
+    flat = x.view(-1)
+    flat[5] = -0.0
+    if flat.numel() > 4 * blocksize:
+        flat[2 * blocksize + 1] = float("nan")
+        flat[3 * blocksize + 1] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_quantize_lowerings_bit_exact(vectorized):
+    code = dynamic_map()
+    inputs = [_with_specials(shape, bs, dtype) for shape, bs, dtype in QUANT_8BIT_CASES]
+    inputs += [_with_specials(shape, bs) for _, shape, bs, _ in QUANT_4BIT_CASES]
+
+    def fn(*xs):
+        outs = []
+        for x, (_, blocksize, _) in zip(xs, QUANT_8BIT_CASES):
+            outs += iq.quantize_blockwise(x, code, blocksize)
+        for x, (quant_type, _, blocksize, storage) in zip(xs[len(QUANT_8BIT_CASES) :], QUANT_4BIT_CASES):
+            outs += iq.quantize_4bit(x, blocksize, quant_type, storage)
+        return outs
+
+    with inductor_config.patch({"cpp.simdlen": None if vectorized else 1}):
+        out, source = compiled(fn, *inputs)
+    assert_lowered(source, "quantize_blockwise")
+    assert_lowered(source, "quantize_4bit")
+    for actual, expected in zip(out, fn(*inputs)):
+        assert_bit_equal(actual, expected)
+
+
+def test_quantize_decision_boundaries_exact():
+    """Every code value, fp32 midpoint and neighbouring float of the 8-bit map, and every NF4
+    midpoint / FP4 literal threshold with its neighbours, encodes as in the reference (the
+    10-gather binary search equals bucketize; ties go to the lower code)."""
+    from inductor_quant.code_tables import FP4_THRESHOLDS, code_midpoints, nf4_code
+
+    def neighbours(edges):
+        return torch.cat([edges, torch.nextafter(edges, torch.tensor(2.0)), torch.nextafter(edges, torch.tensor(-2.0))])
+
+    def one_value_per_block(values, blocksize):
+        blocks = torch.zeros(values.numel(), blocksize)
+        blocks[:, 0] = 1.0  # absmax exactly 1: the value itself is the normalized value
+        blocks[:, 1] = values
+        return blocks
+
+    code = dynamic_map()
+    eight = one_value_per_block(torch.cat([code, neighbours(code_midpoints(code))]), 64)
+    edges4 = torch.cat([code_midpoints(nf4_code()), torch.tensor(FP4_THRESHOLDS, dtype=torch.float32)])
+    four = one_value_per_block(neighbours(torch.cat([edges4, -edges4])), 32)
+
+    def fn(eight, four):
+        return (
+            *iq.quantize_blockwise(eight, code, 64),
+            iq.quantize_4bit(four, 32, "nf4", torch.uint8)[0],
+            iq.quantize_4bit(four, 32, "fp4", torch.uint8)[0],
+        )
+
+    out, _ = compiled(fn, eight, four)
+    for actual, expected in zip(out, fn(eight, four)):
+        assert_bit_equal(actual, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# fusion
+
+
+def test_dequantize_fuses_with_elementwise_work():
+    """dequantize_4bit -> * scale -> silu is one C++ kernel and equals eager bit for bit
+    (with Inductor told to keep the eager roundings of the bf16 intermediate)."""
+    packed, absmax = iq.quantize_4bit(torch.randn(64, 64), 64, "nf4", torch.uint8)
+
+    def fn(packed, absmax, scale):
+        w = iq.dequantize_4bit(packed, absmax, 64, "nf4", [64, 64], torch.bfloat16)
+        return torch.nn.functional.silu(w * scale)
+
+    scale = torch.randn(64, dtype=torch.bfloat16)
+    with inductor_config.patch(emulate_precision_casts=True):
+        out, source = compiled(fn, packed, absmax, scale)
+    assert_lowered(source, "dequantize_4bit")
+    assert kernel_count(source) == 1, source
+    assert_bit_equal(out, fn(packed, absmax, scale))
+
+
+def test_quantize_roundtrip_is_one_kernel():
+    """quantize_blockwise(x * 2) -> dequantize: the absmax reduction, the code search, the
+    producer and the dequantize all land in one kernel (whole blocks)."""
+    code = dynamic_map()
+
+    def fn(x):
+        codes, absmax = iq.quantize_blockwise(x * 2, code, 256)
+        return iq.dequantize_blockwise(codes, absmax, code, 256, torch.float32), absmax
+
+    x = torch.randn(16, 256)
+    (out, absmax), source = compiled(fn, x)
+    expected, expected_absmax = fn(x)
+    assert kernel_count(source) == 1, source
+    assert_bit_equal(out, expected)
+    assert_bit_equal(absmax, expected_absmax)
