@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inductor_quant.code_tables import code_midpoints, dynamic_map, get_4bit_code
+from inductor_quant.code_tables import FP4_THRESHOLDS, code_midpoints, dynamic_map, get_4bit_code
 from inductor_quant.kernels import blockwise as k8
 from inductor_quant.kernels import fourbit as k4
 from inductor_quant.reference import blockwise as ref8
@@ -31,9 +31,12 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 GUARD = 64
 POISON = 0x5A
-# Zero and non-finite blocks divide by zero / multiply inf by 0 on purpose (numpy warns under the interpreter).
+# Zero, non-finite and subnormal blocks divide by zero, overflow and multiply inf by 0 on purpose
+# (numpy warns under the interpreter).
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:divide by zero:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+    "ignore:divide by zero:RuntimeWarning",
+    "ignore:invalid value encountered:RuntimeWarning",
+    "ignore:overflow encountered:RuntimeWarning",
 )
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 SETTINGS = settings(max_examples=6 if HAS_CUDA else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -64,11 +67,17 @@ def truncate_to_bf16(x: torch.Tensor) -> torch.Tensor:
     return (x.float().view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
 
 
-def expected_cast(values_fp32: torch.Tensor, dtype: torch.dtype, device_type: str) -> torch.Tensor:
-    """The reference's fp32 values in ``dtype`` as the kernel's conversion produces them."""
-    if dtype == torch.bfloat16 and device_type == "cpu":
-        return truncate_to_bf16(values_fp32)
-    return values_fp32.to(dtype)
+def assert_same_cast(out: torch.Tensor, values_fp32: torch.Tensor) -> None:
+    """``out`` equals the reference's fp32 values converted to ``out.dtype`` as the kernel does.
+
+    Under the interpreter (CPU) fp32 -> bf16 truncates, and its conversion of fp32 subnormals is
+    wrong (it renormalizes them and clamps the exponent), so those few values (from blocks with a
+    subnormal absmax) are left out there; on the GPU every element is compared."""
+    if out.dtype == torch.bfloat16 and out.device.type == "cpu":
+        normal = ~((values_fp32.abs() < torch.finfo(torch.float32).tiny) & (values_fp32 != 0))
+        assert_same(out[normal], truncate_to_bf16(values_fp32)[normal])
+    else:
+        assert_same(out, values_fp32.to(out.dtype))
 
 
 def assert_same(out: torch.Tensor, expected: torch.Tensor) -> None:
@@ -87,15 +96,22 @@ def assert_same(out: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def random_input(n: int, dtype: torch.dtype, blocksize: int, specials: bool, device="cpu", scale=3.0) -> torch.Tensor:
-    """Normal values with a random per-block scale; optionally a zero block, a NaN and an Inf block."""
+    """Normal values with a random per-block scale; optionally a zero block, a NaN block, an Inf
+    block and a block of subnormals (whose reciprocal absmax overflows to Inf, so xn is +-Inf).
+
+    The interpreter converts bf16 subnormals to fp32 wrongly, so on CPU that block is made for fp32
+    only (fp16 has no such values: they become a zero block)."""
     blocks = -(-n // blocksize)
     x = torch.randn(n, device=device) * scale
     x *= torch.exp2(torch.randint(-6, 6, (blocks,), device=device).float()).repeat_interleave(blocksize)[:n]
-    if specials and blocks >= 4:
+    if specials and blocks >= 5:
         x[:blocksize] = 0.0
         x[blocksize + 1] = float("nan")
         x[2 * blocksize + 3] = float("inf")
         x[2 * blocksize + 4] = -float("inf")
+        if dtype == torch.float32 or torch.device(device).type != "cpu":
+            x[3 * blocksize : 4 * blocksize] *= 1e-41
+            x[3 * blocksize] = 0.0
     return x.to(dtype)
 
 
@@ -121,8 +137,7 @@ def check_dequantize_blockwise(q, absmax, code, blocksize, dtype):
     out = Guarded(q.numel(), dtype, q.device)
     k8.dequantize_blockwise(q, absmax, code, blocksize, out.view)
     out.check_guards()
-    expected = ref8.dequantize_blockwise(q, absmax, code, blocksize, torch.float32).reshape(-1)
-    assert_same(out.view, expected_cast(expected, dtype, q.device.type))
+    assert_same_cast(out.view, ref8.dequantize_blockwise(q, absmax, code, blocksize, torch.float32).reshape(-1))
 
 
 def check_quantize_4bit(A, blocksize, quant_type, storage=torch.uint8):
@@ -142,8 +157,7 @@ def check_dequantize_4bit(packed, absmax, blocksize, quant_type, n, dtype):
     out = Guarded(n, dtype, packed.device)
     k4.dequantize_4bit(packed, absmax, blocksize, k4.code_table(quant_type, packed.device), out.view)
     out.check_guards()
-    expected = ref4.dequantize_4bit(packed, absmax, blocksize, quant_type, (n,), torch.float32)
-    assert_same(out.view, expected_cast(expected, dtype, packed.device.type))
+    assert_same_cast(out.view, ref4.dequantize_4bit(packed, absmax, blocksize, quant_type, (n,), torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,12 +204,11 @@ def test_4bit_bucket_table_equals_threshold_count(quant_type):
     """The kernel's bucket lookup, emulated in torch, equals the reference on every threshold,
     its fp32 neighbours, and a dense sweep of [-1.01, 1.01] (strict '>' at the thresholds)."""
     table = k4.bucket_table(quant_type)
-    thr, pairs = table[:32].view(torch.float32), table[32:]
+    thr = (table & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    pairs = table >> 32
     if quant_type == "nf4":
         thresholds = code_midpoints(get_4bit_code("nf4"))
     else:
-        from inductor_quant.code_tables import FP4_THRESHOLDS
-
         thresholds = torch.tensor(FP4_THRESHOLDS)
         thresholds = torch.cat([thresholds, -thresholds])
     values = torch.cat(
@@ -204,7 +217,7 @@ def test_4bit_bucket_table_equals_threshold_count(quant_type):
             torch.nextafter(thresholds, torch.tensor(2.0)),
             torch.nextafter(thresholds, torch.tensor(-2.0)),
             torch.linspace(-1.01, 1.01, 200_001),
-            torch.tensor([0.0, -0.0, 1.0, -1.0]),
+            torch.tensor([0.0, -0.0, 1.0, -1.0, 1.9375, -1.9375]),
         ]
     )
     v = values.abs() if quant_type == "fp4" else values
@@ -390,12 +403,13 @@ def _bnb_cuda():
 @pytest.mark.parametrize("blocksize", [64, 128, 4096])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_4bit_bytes_equal_bitsandbytes(quant_type, blocksize, dtype):
-    """Byte-equal packed codes and equal absmax to bitsandbytes' CUDA kernel on random inputs.
+    """Packed codes and absmax against bitsandbytes' CUDA kernel on random inputs.
 
-    bitsandbytes is built with fast-math: its ``1/absmax`` is an approximate reciprocal. With a
-    power-of-two absmax per block both reciprocals are exact, so every byte must match; on plain
-    random data the two may differ where ``xn`` lies within an ulp of a threshold (rare, adjacent
-    codes only)."""
+    bitsandbytes is built with fast-math: its ``1/absmax`` is an approximate reciprocal, ours (and
+    the reference's) the IEEE one. With a power-of-two absmax per block both are exact, so every
+    byte must match. On plain random data a code may differ only where ``xn`` lies within a few
+    ulps of a decision threshold (FP4's literal thresholds sit within an ulp of ratios such as 5/6
+    that bf16/fp16 inputs hit exactly)."""
     bnb = _bnb_cuda()
     if bnb is None:
         pytest.skip("bitsandbytes with CUDA kernels is not installed")
@@ -404,15 +418,25 @@ def test_gpu_4bit_bytes_equal_bitsandbytes(quant_type, blocksize, dtype):
     A_pow2 = A.clone().view(-1, blocksize)
     A_pow2 = A_pow2 / A_pow2.abs().amax(1, keepdim=True)  # |x| <= 1 with one element exactly +-1
     A_pow2 *= torch.exp2(torch.randint(-8, 8, (A_pow2.shape[0], 1), device="cuda").float())
+    if quant_type == "nf4":
+        thresholds = code_midpoints(get_4bit_code("nf4", "cuda"))
+    else:
+        thresholds = torch.tensor(FP4_THRESHOLDS, device="cuda")
     for x, exact in ((A_pow2.reshape(-1).to(dtype), True), (A.to(dtype), False)):
         ours, ours_absmax = torch.ops.inductor_quant.quantize_4bit(x, blocksize, quant_type, torch.uint8)
         theirs, theirs_absmax = bnb.quantize_4bit(x, blocksize, quant_type, torch.uint8)
         assert_same(ours_absmax, theirs_absmax)
-        differ = (ours != theirs).sum().item()
+        differ = (ref4.unpack_nibbles(ours.flatten(), n) != ref4.unpack_nibbles(theirs.flatten(), n)).nonzero().flatten()
         if exact:
-            assert differ == 0, f"{differ} bytes differ from bitsandbytes"
-        else:
-            assert differ <= n * 1e-5, f"{differ} bytes differ from bitsandbytes"
+            assert differ.numel() == 0, f"{differ.numel()} codes differ from bitsandbytes"
+            continue
+        assert differ.numel() <= n * 1e-3, f"{differ.numel()} codes differ from bitsandbytes"
+        xn = x.flatten()[differ].float() * torch.reciprocal(ours_absmax[differ // blocksize])
+        v = xn.abs() if quant_type == "fp4" else xn
+        distance = (v[:, None] - thresholds[None, :]).abs().min(1).values
+        assert (distance <= 4 * torch.finfo(torch.float32).eps * v.abs()).all(), (
+            f"codes differ away from a threshold: xn = {xn[distance > 4e-7 * v.abs()][:5].tolist()}"
+        )
 
 
 @requires_cuda

@@ -30,6 +30,7 @@ from shared memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -71,11 +72,54 @@ def normalize_blocks(x, absmax):
 
 
 @triton.jit
-def _bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
-    """Monotone bucket of fp32 values: order-preserving bit key >> KEY_SHIFT, clamped."""
+def normalize_blocks_split(x, absmax):
+    """``normalize_blocks`` split into a fast common case: returns ``(xn, special)``.
+
+    When every row of the tile has a finite, non-zero reciprocal (``special == 0``), no ``xn`` can
+    be NaN and ``|xn| <= 1 + 2**-22``, so the per-element NaN fix (and any clamping of ``xn``) is
+    needed only for tiles with ``special != 0`` (a zero, Inf, NaN or tiny absmax)."""
+    inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax)
+    special = tl.max(((inv == 0.0) | (inv == float("inf")) | (inv != inv)).to(tl.int32), 0)
+    xn = x * inv[:, None]
+    if special != 0:
+        # The barrier keeps this a branch: the compiler would otherwise if-convert it and pay
+        # for the fix on every tile. ``special`` is uniform over the program, so it is legal.
+        tl.debug_barrier()
+        xn = tl.where(xn != xn, 0.0, xn)
+    return xn, special
+
+
+@triton.jit
+def _bucket_key(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
+    """Unclamped bucket of fp32 values: order-preserving bit key >> KEY_SHIFT, offset to the middle."""
     bits = v.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return tl.minimum(tl.maximum((key >> KEY_SHIFT) + BUCKETS // 2, 0), BUCKETS - 1)
+    return (key >> KEY_SHIFT) + BUCKETS // 2
+
+
+@triton.jit
+def _bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
+    """Monotone bucket of any fp32 value (clamped to ``[0, BUCKETS)``)."""
+    return tl.minimum(tl.maximum(_bucket_key(v, KEY_SHIFT, BUCKETS), 0), BUCKETS - 1)
+
+
+@triton.jit
+def _load_tile(x_ptr, start, remaining, offs, TILE: tl.constexpr):
+    """Load ``TILE`` elements from ``x_ptr + start``; unmasked (vectorizable) for a full tile."""
+    if remaining == TILE:
+        x = tl.load(x_ptr + start + offs)
+    else:
+        x = tl.load(x_ptr + start + offs, mask=offs < remaining, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptr, start, remaining, offs, value, TILE: tl.constexpr):
+    """Store ``TILE`` elements at ``ptr + start``; unmasked (vectorizable) for a full tile."""
+    if remaining == TILE:
+        tl.store(ptr + start + offs, value)
+    else:
+        tl.store(ptr + start + offs, value, mask=offs < remaining)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,13 +128,36 @@ def _bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
 
 
 @triton.jit
+def _search_tables_kernel(code_ptr, mid_ptr, first_ptr, fullest_ptr, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
+    """One program: the search tables of ``code``. ``mid``: 512 fp32 midpoints padded with +inf;
+    ``first``: uint8 per bucket, the number of midpoints in lower buckets; ``fullest``: the
+    largest number of midpoints in one bucket (int32)."""
+    i = tl.arange(0, 2 * CODE_ENTRIES)
+    lo = tl.load(code_ptr + i, mask=i < CODE_ENTRIES, other=float("inf"))
+    hi = tl.load(code_ptr + i + 1, mask=i < CODE_ENTRIES - 1, other=float("inf"))
+    mid = (lo + hi) * 0.5
+    mid = tl.where(mid == 0.0, 0.0, mid)  # -0.0 -> +0.0 so that bucket order equals value order
+    tl.store(mid_ptr + i, mid)
+    j = tl.arange(0, CODE_ENTRIES)
+    lo_j = tl.load(code_ptr + j)
+    hi_j = tl.load(code_ptr + j + 1, mask=j < CODE_ENTRIES - 1, other=float("inf"))
+    mid_j = (lo_j + hi_j) * 0.5
+    mid_j = tl.where(mid_j == 0.0, 0.0, mid_j)
+    counts = tl.histogram(_bucket(mid_j, KEY_SHIFT, BUCKETS), BUCKETS)
+    # Below any bucket lie at most 255 midpoints (the +inf pad sits in the last bucket): fits uint8.
+    tl.store(first_ptr + tl.arange(0, BUCKETS), (tl.cumsum(counts, 0) - counts).to(tl.uint8))
+    tl.store(fullest_ptr, tl.max(counts, 0))
+
+
+@triton.jit
 def _quantize_blockwise_kernel(
     x_ptr,
-    code_ptr,
+    mid_ptr,
+    first_ptr,
+    fullest_ptr,
     q_ptr,
     absmax_ptr,
     n,
-    num_tiles,
     BLOCKSIZE: tl.constexpr,
     ROWS: tl.constexpr,
     SEARCH: tl.constexpr,
@@ -99,46 +166,41 @@ def _quantize_blockwise_kernel(
     PROBES: tl.constexpr,
 ):
     TILE: tl.constexpr = ROWS * BLOCKSIZE
-    # Midpoint table, padded with +inf to 2 * 256 entries so that probes past the end need no clamp.
-    i = tl.arange(0, 2 * CODE_ENTRIES)
-    lo = tl.load(code_ptr + i, mask=i < CODE_ENTRIES, other=float("inf"))
-    hi = tl.load(code_ptr + i + 1, mask=i < CODE_ENTRIES - 1, other=float("inf"))
-    mid = (lo + hi) * 0.5
-    mid = tl.where(mid == 0.0, 0.0, mid)  # -0.0 -> +0.0 so that bucket order equals value order
-    if SEARCH == "bucket":
-        j = tl.arange(0, CODE_ENTRIES)
-        lo_j = tl.load(code_ptr + j)
-        hi_j = tl.load(code_ptr + j + 1, mask=j < CODE_ENTRIES - 1, other=float("inf"))
-        mid_j = (lo_j + hi_j) * 0.5
-        mid_j = tl.where(mid_j == 0.0, 0.0, mid_j)
-        counts = tl.histogram(_bucket(mid_j, KEY_SHIFT, BUCKETS), BUCKETS)
-        first = tl.cumsum(counts, 0) - counts
-        fullest = tl.max(counts, 0)
-
-    rows = tl.arange(0, ROWS)
+    MIDS: tl.constexpr = 2 * CODE_ENTRIES
+    tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
+    start = tile * TILE
+    remaining = tl.minimum(n - start, TILE).to(tl.int32)
     offs = tl.arange(0, TILE)
-    # int64 tile index: offsets may exceed 2**31.
-    for tile in range(tl.program_id(0).to(tl.int64), num_tiles, tl.num_programs(0)):
-        start = tile * TILE
-        remaining = tl.minimum(n - start, TILE).to(tl.int32)
-        x = tl.load(x_ptr + start + offs, mask=offs < remaining, other=0.0).to(tl.float32)
-        x = tl.reshape(x, [ROWS, BLOCKSIZE])
-        absmax = block_absmax(x)
-        block_limit = (remaining + BLOCKSIZE - 1) // BLOCKSIZE
-        tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < block_limit)
-        xn = tl.reshape(normalize_blocks(x, absmax), [TILE])
-        if SEARCH == "bucket":
-            base = tl.gather(first, _bucket(xn, KEY_SHIFT, BUCKETS), 0)
-            q = base
+    rows = tl.arange(0, ROWS)
+    x = tl.reshape(_load_tile(x_ptr, start, remaining, offs, TILE).to(tl.float32), [ROWS, BLOCKSIZE])
+    absmax = block_absmax(x)
+    tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
+    xn, special = normalize_blocks_split(x, absmax)
+    xn = tl.reshape(xn, [TILE])
+    if SEARCH == "bucket":
+        b = _bucket_key(xn, KEY_SHIFT, BUCKETS)
+        if special != 0:  # xn may be +-Inf (tiny absmax): clamp the bucket
+            tl.debug_barrier()  # keeps this a branch (see normalize_blocks_split)
+            b = tl.minimum(tl.maximum(b, 0), BUCKETS - 1)
+        base = tl.load(first_ptr + b).to(tl.int32)
+        q = base
+        if special != 0:
+            tl.debug_barrier()
             for p in tl.static_range(PROBES):
-                q += (xn > tl.gather(mid, base + p, 0)).to(tl.int32)
-            for p in range(PROBES, fullest):
-                q += (xn > tl.gather(mid, tl.minimum(base + p, 2 * CODE_ENTRIES - 1), 0)).to(tl.int32)
+                q += (xn > tl.load(mid_ptr + base + p)).to(tl.int32)
         else:
-            q = tl.zeros([TILE], tl.int32)
-            for level in tl.static_range(8):
-                q += tl.where(xn > tl.gather(mid, q + ((128 >> level) - 1), 0), 128 >> level, 0)
-        tl.store(q_ptr + start + offs, q.to(tl.uint8), mask=offs < remaining)
+            # For finite xn, xn > mid <=> the sign bit of the fp32 difference mid - xn (rounding
+            # keeps the sign; equal values give +0): an add and a shift-add per probe instead of a
+            # compare and a select chain.
+            for p in tl.static_range(PROBES):
+                q += ((tl.load(mid_ptr + base + p) - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+        for p in range(PROBES, tl.load(fullest_ptr)):
+            q += (xn > tl.load(mid_ptr + tl.minimum(base + p, MIDS - 1))).to(tl.int32)
+    else:
+        q = tl.zeros([TILE], tl.int32)
+        for level in tl.static_range(8):
+            q += tl.where(xn > tl.load(mid_ptr + q + ((128 >> level) - 1)), 128 >> level, 0)
+    _store_tile(q_ptr, start, remaining, offs, q.to(tl.uint8), TILE)
 
 
 @triton.jit
@@ -158,17 +220,15 @@ def _dequantize_blockwise_kernel(
     remaining = tl.minimum(n - start, TILE).to(tl.int32)
     offs = tl.arange(0, TILE)
     rows = tl.arange(0, ROWS)
-    mask = offs < remaining
-    q = tl.load(q_ptr + start + offs, mask=mask, other=0).to(tl.int32)
+    q = _load_tile(q_ptr, start, remaining, offs, TILE).to(tl.int32)
     if SMEM_LUT:
         table = tl.load(code_ptr + tl.arange(0, CODE_ENTRIES))
         values = tl.gather(table, q, 0)
     else:
         values = tl.load(code_ptr + q)
-    block_limit = (remaining + BLOCKSIZE - 1) // BLOCKSIZE
-    absmax = tl.load(absmax_ptr + tile * ROWS + rows, mask=rows < block_limit, other=0.0)
+    absmax = tl.load(absmax_ptr + tile * ROWS + rows, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     out = tl.reshape(tl.reshape(values, [ROWS, BLOCKSIZE]) * absmax[:, None], [TILE])
-    tl.store(out_ptr + start + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_tile(out_ptr, start, remaining, offs, out.to(out_ptr.dtype.element_ty), TILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,16 +239,15 @@ def _dequantize_blockwise_kernel(
 class QuantizeBlockwiseConfig:
     """Launch parameters of the 8-bit quantize kernel.
 
-    ``tile``: elements per loop iteration (rounded up to one block); ``programs_per_sm``: the grid
-    is persistent, ``programs_per_sm * SMs`` programs (each derives the search tables once);
-    ``search``: "bucket" or "bsearch"; ``key_shift``/``buckets``/``probes``: bucket table shape.
+    ``tile``: elements per program (rounded up to one block); ``search``: "bucket" or "bsearch";
+    ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
+    ``probes``: unrolled in-bucket comparisons (more run in a loop when a bucket holds more).
     """
 
     def __init__(
         self,
-        tile: int = 8192,
+        tile: int = 4096,
         num_warps: int = 8,
-        programs_per_sm: int = 2,
         search: str = "bucket",
         key_shift: int = 19,
         buckets: int = 4096,
@@ -196,12 +255,11 @@ class QuantizeBlockwiseConfig:
     ) -> None:
         if search not in ("bucket", "bsearch"):
             raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
-        # The clamped bucket range must cover [-1, 1] (keys of +-1.0 are +-0x3F800000).
-        if buckets // 2 <= 0x3F800000 >> key_shift:
+        # Unclamped buckets of |xn| <= 1 + 2**-22 (keys +-0x3F800001) must lie in [0, buckets).
+        if buckets // 2 <= 0x3F800001 >> key_shift:
             raise ValueError(f"buckets={buckets} too few for key_shift={key_shift}")
         self.tile = tile
         self.num_warps = num_warps
-        self.programs_per_sm = programs_per_sm
         self.search = search
         self.key_shift = key_shift
         self.buckets = buckets
@@ -209,9 +267,8 @@ class QuantizeBlockwiseConfig:
 
     def __repr__(self) -> str:
         return (
-            f"QuantizeBlockwiseConfig(tile={self.tile}, num_warps={self.num_warps}, "
-            f"programs_per_sm={self.programs_per_sm}, search={self.search!r}, key_shift={self.key_shift}, "
-            f"buckets={self.buckets}, probes={self.probes})"
+            f"QuantizeBlockwiseConfig(tile={self.tile}, num_warps={self.num_warps}, search={self.search!r}, "
+            f"key_shift={self.key_shift}, buckets={self.buckets}, probes={self.probes})"
         )
 
 
@@ -219,7 +276,7 @@ class DequantizeBlockwiseConfig:
     """Launch parameters of the 8-bit dequantize kernel: elements per program, warps, and whether
     the code lookup goes through shared memory (``tl.gather``) or global memory (L1)."""
 
-    def __init__(self, tile: int = 4096, num_warps: int = 4, smem_lut: bool = True) -> None:
+    def __init__(self, tile: int = 8192, num_warps: int = 4, smem_lut: bool = True) -> None:
         self.tile = tile
         self.num_warps = num_warps
         self.smem_lut = smem_lut
@@ -236,6 +293,11 @@ def _is_interpreted(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+_DEFAULT_QUANTIZE = QuantizeBlockwiseConfig()
+_DEFAULT_DEQUANTIZE = DequantizeBlockwiseConfig()
+
+
+@functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors (or the device's equivalent) of ``device``; 1 on CPU."""
     if device.type == "cpu":
@@ -272,7 +334,10 @@ def quantize_blockwise(
     config: QuantizeBlockwiseConfig | None = None,
 ) -> None:
     """Quantize ``A`` (any float dtype, any strides) into ``out`` (uint8, A.numel() elements) and
-    ``absmax`` (fp32, one per block) with the 256-entry sorted table ``code`` (fp32)."""
+    ``absmax`` (fp32, one per block) with the 256-entry sorted table ``code`` (fp32).
+
+    Two launches: one program derives the search tables from ``code`` (6 KB, read by every program
+    of the second launch through L1), then one program per tile quantizes."""
     n = A.numel()
     _check_flat_output(out, "out", n, torch.uint8, A)
     _check_flat_output(absmax, "absmax", -(-n // blocksize), torch.float32, A)
@@ -280,18 +345,23 @@ def quantize_blockwise(
         return
     A = A.contiguous()
     code = code.contiguous()
-    config = config or QuantizeBlockwiseConfig()
+    config = config or _DEFAULT_QUANTIZE
     tile = max(_INTERPRETER_TILE if _is_interpreted(A) else config.tile, blocksize)
-    num_tiles = triton.cdiv(n, tile)
-    grid = (min(num_tiles, config.programs_per_sm * num_sms(A.device)),)
+    mids_bytes = 2 * CODE_ENTRIES * 4
+    tables = torch.empty(mids_bytes + config.buckets + 4, dtype=torch.uint8, device=A.device)
+    mid = tables[:mids_bytes].view(torch.float32)
+    first = tables[mids_bytes : mids_bytes + config.buckets]
+    fullest = tables[mids_bytes + config.buckets :].view(torch.int32)
     with device_guard(A):
-        _quantize_blockwise_kernel[grid](
+        _search_tables_kernel[(1,)](code, mid, first, fullest, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets)
+        _quantize_blockwise_kernel[(-(-n // tile),)](
             A,
-            code,
+            mid,
+            first,
+            fullest,
             out,
             absmax,
             n,
-            num_tiles,
             BLOCKSIZE=blocksize,
             ROWS=tile // blocksize,
             SEARCH=config.search,
@@ -319,9 +389,9 @@ def dequantize_blockwise(
     A = A.contiguous()
     absmax = absmax.contiguous()
     code = code.contiguous()
-    config = config or DequantizeBlockwiseConfig()
+    config = config or _DEFAULT_DEQUANTIZE
     tile = max(_INTERPRETER_TILE if _is_interpreted(A) else config.tile, blocksize)
-    grid = (triton.cdiv(n, tile),)
+    grid = (-(-n // tile),)
     with device_guard(A):
         _dequantize_blockwise_kernel[grid](
             A,

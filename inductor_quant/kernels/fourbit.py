@@ -8,12 +8,13 @@ nibble of byte ``i``, an odd tail padded with the code of 0.0, dequantization as
 Code selection without a comparison tree. NF4 picks the number of fp32 midpoints strictly below
 ``xn``; FP4 the number of bitsandbytes' literal thresholds strictly below ``|xn|`` (then maps that
 rank to its code bits and adds the sign bit for ``xn < 0``). In both tables adjacent thresholds are
-more than 1/16 apart, so the monotone bucket ``b = trunc(clamp(v * 16 + 16, 0, 31))`` (``v`` = xn
-for NF4, ``|xn|`` for FP4; ``v * 16`` is exact, so a fused multiply-add gives the same bucket) holds
-at most one threshold. A 32-entry table gives per bucket that threshold (or +inf) and the codes
-below and above it: ``q = v > thr[b] ? above[b] : below[b]``, two lookups in one 128-byte line
-instead of four dependent comparisons. The tables are built on the host from
-``code_tables`` (:func:`bucket_table`) with the same fp32 arithmetic.
+more than 1/16 apart, so the monotone bucket ``b = trunc(v * 16 + 32)`` (``v`` = xn for NF4, ``|xn|``
+for FP4, in ``[-2, 2)``; ``v * 16`` is exact, so a fused multiply-add gives the same bucket) holds at
+most one threshold. One 64-entry table gives per bucket that threshold (or +inf) and the codes
+below and above it, in one 8-byte word: ``q = v > thr[b] ? above[b] : below[b]``, one lookup
+instead of four dependent comparisons. The table is built on the host from ``code_tables``
+(:func:`bucket_table`) with the same fp32 arithmetic. ``|xn| <= 1 + 2**-22`` except in blocks with a
+zero, non-finite or tiny absmax; only tiles holding such a block pay for the NaN fix and a clamp.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..code_tables import FP4_RANK_TO_CODE, FP4_THRESHOLDS, code_midpoints, get_4bit_code
-from .blockwise import block_absmax, device_guard, normalize_blocks
+from .blockwise import _load_tile, _store_tile, block_absmax, device_guard, normalize_blocks_split
 
 __all__ = [
     "BUCKETS",
@@ -38,12 +39,13 @@ __all__ = [
     "Dequantize4bitConfig",
 ]
 
-BUCKETS = 32
+BUCKETS = 64
+V_MIN, V_MAX = -1.9375, 1.9375  # the kernel clamps xn to this range where it may be infinite
 
 
 def bucket_of(v: torch.Tensor) -> torch.Tensor:
     """Host version of the kernel's bucket function (fp32 in, int64 bucket out)."""
-    return (v.float() * 16.0 + 16.0).clamp(0.0, BUCKETS - 1).to(torch.int64)
+    return (v.float().clamp(V_MIN, V_MAX) * 16.0 + 32.0).to(torch.int64)
 
 
 def _thresholds(quant_type: str) -> tuple[torch.Tensor, list[int]]:
@@ -60,7 +62,7 @@ def _bucket_table_cpu(quant_type: str) -> torch.Tensor:
     if buckets.unique().numel() != buckets.numel():
         raise AssertionError(f"{quant_type}: two thresholds share a bucket; the kernel needs at most one")
     thr = torch.full((BUCKETS,), float("inf"), dtype=torch.float32)
-    codes = torch.zeros(BUCKETS, dtype=torch.int32)
+    codes = torch.zeros(BUCKETS, dtype=torch.int64)
     for b in range(BUCKETS):
         below = int((buckets < b).sum())  # thresholds below any value of bucket b
         inside = (buckets == b).nonzero().flatten()
@@ -69,12 +71,12 @@ def _bucket_table_cpu(quant_type: str) -> torch.Tensor:
             thr[b] = thresholds[inside[0]]
             above = below + 1
         codes[b] = rank_code[below] | (rank_code[above] << 4)
-    return torch.cat([thr.view(torch.int32), codes])
+    return thr.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (codes << 32)
 
 
 def bucket_table(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
-    """int32 ``[64]``: fp32 bits of the per-bucket threshold (+inf if none) in ``[0, 32)``, then
-    ``below | above << 4`` (the 4-bit codes on either side of it) in ``[32, 64)``."""
+    """int64 ``[64]``: low word the fp32 bits of the bucket's threshold (+inf if none), high word
+    ``below | above << 4`` (the 4-bit codes on either side of it)."""
     return _bucket_table_cpu(quant_type).to(device)
 
 
@@ -105,30 +107,32 @@ def _quantize_4bit_kernel(
     FP4: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
-    tile = tl.program_id(0).to(tl.int64)
-    start = tile * (ROWS * BLOCKSIZE)
-    remaining = tl.minimum(n - start, ROWS * BLOCKSIZE).to(tl.int32)
+    TILE: tl.constexpr = ROWS * BLOCKSIZE
+    tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
+    start = tile * TILE
+    remaining = tl.minimum(n - start, TILE).to(tl.int32)
     rows = tl.arange(0, ROWS)
     offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    x = tl.load(x_ptr + start + offs, mask=offs < remaining, other=0.0).to(tl.float32)
+    x = _load_tile(x_ptr, start, remaining, offs, TILE).to(tl.float32)
     absmax = block_absmax(x)
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
-    xn = normalize_blocks(x, absmax)
+    xn, special = normalize_blocks_split(x, absmax)
+    if special != 0:  # xn may be +-Inf (tiny absmax): clamp into the table's range
+        tl.debug_barrier()  # keeps this a branch (see normalize_blocks_split)
+        xn = tl.minimum(tl.maximum(xn, -1.9375), 1.9375)
     if FP4:
         v = tl.abs(xn)
     else:
         v = xn
-    bucket = tl.minimum(tl.maximum(v * 16.0 + 16.0, 0.0), 31.0).to(tl.int32)
-    thr = tl.load(table_ptr + bucket).to(tl.float32, bitcast=True)
-    pair = tl.load(table_ptr + 32 + bucket)
-    q = tl.where(v > thr, pair >> 4, pair & 15)
+    entry = tl.load(table_ptr + (v * 16.0 + 32.0).to(tl.int32))
+    codes = (entry >> 32).to(tl.int32)
+    q = tl.where(v > entry.to(tl.int32).to(tl.float32, bitcast=True), codes >> 4, codes & 15)
     if FP4:
         q = q | tl.where(xn < 0.0, 8, 0)
     hi, lo = tl.split(tl.reshape(q, [ROWS, HALF, 2]))
     packed = ((hi << 4) | lo).to(tl.uint8)
     byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    byte_limit = (remaining + 1) // 2
-    tl.store(packed_ptr + tile * (ROWS * HALF) + byte_offs, packed, mask=byte_offs < byte_limit)
+    _store_tile(packed_ptr, tile * (TILE // 2), (remaining + 1) // 2, byte_offs, packed, TILE // 2)
 
 
 @triton.jit
@@ -143,11 +147,10 @@ def _dequantize_4bit_kernel(
     SMEM_LUT: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
-    tile = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
     remaining = tl.minimum(n - tile * (2 * TILE_BYTES), 2 * TILE_BYTES).to(tl.int32)
     byte_offs = tl.arange(0, TILE_BYTES)
-    packed = tl.load(packed_ptr + tile * TILE_BYTES + byte_offs, mask=byte_offs < (remaining + 1) // 2, other=0)
-    packed = packed.to(tl.int32)
+    packed = _load_tile(packed_ptr, tile * TILE_BYTES, (remaining + 1) // 2, byte_offs, TILE_BYTES).to(tl.int32)
     ROWS: tl.constexpr = TILE_BYTES // HALF
     rows = tl.arange(0, ROWS)
     absmax = tl.load(
@@ -163,7 +166,7 @@ def _dequantize_4bit_kernel(
         lo = tl.load(code_ptr + (packed & 15))
     out = tl.interleave(hi * absmax, lo * absmax).to(out_ptr.dtype.element_ty)
     offs = tl.arange(0, 2 * TILE_BYTES)
-    tl.store(out_ptr + tile * (2 * TILE_BYTES) + offs, out, mask=offs < remaining)
+    _store_tile(out_ptr, tile * (2 * TILE_BYTES), remaining, offs, out, 2 * TILE_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +177,7 @@ def _dequantize_4bit_kernel(
 class Quantize4bitConfig:
     """Launch parameters of the 4-bit quantize kernel: input elements per program, warps."""
 
-    def __init__(self, tile: int = 4096, num_warps: int = 4) -> None:
+    def __init__(self, tile: int = 4096, num_warps: int = 8) -> None:
         self.tile = tile
         self.num_warps = num_warps
 
@@ -195,6 +198,8 @@ class Dequantize4bitConfig:
         return f"Dequantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_lut={self.smem_lut})"
 
 
+_DEFAULT_QUANTIZE = Quantize4bitConfig()
+_DEFAULT_DEQUANTIZE = Dequantize4bitConfig()
 _INTERPRETER_TILE = 1 << 16
 
 
@@ -236,11 +241,11 @@ def quantize_4bit(
     if n == 0:
         return
     A = A.contiguous()
-    config = config or Quantize4bitConfig()
+    config = config or _DEFAULT_QUANTIZE
     tile = _tile(A, config.tile, blocksize)
     table, _ = _device_tables(quant_type, A.device)
     with device_guard(A):
-        _quantize_4bit_kernel[(triton.cdiv(n, tile),)](
+        _quantize_4bit_kernel[(-(-n // tile),)](
             A,
             table,
             out_bytes,
@@ -271,10 +276,10 @@ def dequantize_4bit(
         return
     absmax = absmax.contiguous()
     code = code.contiguous()
-    config = config or Dequantize4bitConfig()
+    config = config or _DEFAULT_DEQUANTIZE
     tile = _tile(out, config.tile, blocksize)
     with device_guard(out):
-        _dequantize_4bit_kernel[(triton.cdiv(n, tile),)](
+        _dequantize_4bit_kernel[(-(-n // tile),)](
             packed,
             absmax,
             code,
