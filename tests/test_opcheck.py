@@ -1,10 +1,11 @@
 """``torch.library.opcheck`` (schema, fake impl, autograd registration, AOT dispatch) for every op
 and overload of ``torch.ops.inductor_quant``.
 
-The 4-bit quantize/dequantize ops run the full cross product dtype x blocksize x quant_type x
-quant_storage x {odd n, n not divisible by blocksize}; a storage wider than one byte needs
-``n % (2 * itemsize) == 0``, so those combinations assert the clear error instead. The matmul and
-optimizer ops run a covering subset: every listed value of every axis appears at least once.
+The quantize ops run the full cross product dtype x blocksize x quant_type x quant_storage x
+{odd n, n not divisible by blocksize}; a storage wider than one byte needs
+``n % (2 * itemsize) == 0``, so those combinations assert the clear error instead. Each opcheck
+costs ~0.1 s (AOT tracing), so dequantize, the matmuls and the optimizers run covering subsets:
+every listed value of every axis appears at least once for every overload.
 """
 
 import itertools
@@ -79,8 +80,12 @@ def test_blockwise_8bit(dtype, blocksize, kind):
     opcheck(ops.quantize_blockwise.default, (A, code, blocksize))
     q, absmax = ops.quantize_blockwise(A, code, blocksize)
     assert q.shape == A.shape and absmax.shape == (-(-A.numel() // blocksize),)
-    opcheck(ops.dequantize_blockwise.default, (q, absmax, code, blocksize, dtype))
-    if dtype == DTYPES[(BLOCKSIZES.index(blocksize) + N_KINDS.index(kind)) % len(DTYPES)]:
+    # dequantize (whose inputs do not depend on A's dtype) on two diagonals of the product: every
+    # blocksize and n kind with a cycling output dtype, for each overload
+    diagonal = (BLOCKSIZES.index(blocksize) + N_KINDS.index(kind) - DTYPES.index(dtype)) % len(DTYPES)
+    if diagonal == 0:
+        opcheck(ops.dequantize_blockwise.default, (q, absmax, code, blocksize, dtype))
+    elif diagonal == 1:
         out = torch.full(A.shape, float("nan"), dtype=dtype)
         opcheck(ops.dequantize_blockwise.out, (q, absmax, code, blocksize, dtype, out))
 
@@ -104,9 +109,13 @@ def test_4bit(dtype, blocksize, quant_type, storage, kind):
     opcheck(ops.quantize_4bit.default, (A, blocksize, quant_type, storage))
     packed, absmax = ops.quantize_4bit(A, blocksize, quant_type, storage)
     assert packed.dtype == storage and packed.shape == ((n + 1) // (2 * storage.itemsize), 1)
-    opcheck(ops.dequantize_4bit.default, (packed, absmax, blocksize, quant_type, list(shape), dtype))
-    if dtype == DTYPES[(BLOCKSIZES.index(blocksize) + STORAGES.index(storage)) % len(DTYPES)]:
-        # .out on a diagonal of the product: every value of every axis, a third of the cost
+    # dequantize on two diagonals: every (blocksize, quant_type, storage, n kind) runs the default
+    # overload with one output dtype and .out with another; every dtype appears for both
+    axes = BLOCKSIZES.index(blocksize) + QUANT_TYPES.index(quant_type) + STORAGES.index(storage)
+    diagonal = (axes - DTYPES.index(dtype)) % len(DTYPES)
+    if diagonal == 0:
+        opcheck(ops.dequantize_4bit.default, (packed, absmax, blocksize, quant_type, list(shape), dtype))
+    elif diagonal == 1:
         out = torch.full(shape, float("nan"), dtype=dtype)
         opcheck(ops.dequantize_4bit.out, (packed, absmax, blocksize, quant_type, list(shape), dtype, out))
 
