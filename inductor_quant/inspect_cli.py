@@ -32,6 +32,11 @@ import torch
 __all__ = ["add_parser", "run", "load_target", "main"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DESCRIPTION = (
+    "Compile a program with Inductor and the inductor_quant passes, run it once, and show what happened "
+    "to its quantized ops: graph breaks, recompiles, pattern matches, every generated kernel (with the "
+    "quantized ops it contains and the bytes it moves), and each quantized op that did not fuse, with the reason."
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -39,7 +44,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "inspect",
         help="show what torch.compile did with a program's quantized ops (matches, kernels, what did not fuse)",
-        description=__doc__.split("\n\n", 1)[0],
+        description=_DESCRIPTION,
         epilog=(
             "TARGET is FILE.py:FUNCTION or MODULE:FUNCTION; FUNCTION takes no arguments and returns "
             "(fn_or_module, example_inputs) or (fn_or_module, example_inputs, compile_kwargs)."
@@ -125,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         from .inspect.examples import tiny_llama_nf4, two_layer_mlp
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            print(f"inductor-quant inspect: --device {device}: no CUDA GPU is available (use --device cpu)", file=sys.stderr)
+            return 2
         build = tiny_llama_nf4 if args.demo == "llama" else two_layer_mlp
         fn, inputs = build(device=device, dtype=_DTYPES[args.dtype])
         compile_kwargs: dict[str, Any] = {}
@@ -157,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m inductor_quant.inspect_cli``)."""
-    parser = argparse.ArgumentParser(prog="inductor-quant inspect", description=__doc__.split("\n\n", 1)[0])
+    parser = argparse.ArgumentParser(prog="inductor-quant inspect", description=_DESCRIPTION)
     _add_arguments(parser)
     return run(parser.parse_args(argv))
 

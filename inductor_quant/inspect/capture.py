@@ -7,9 +7,10 @@ Sources, all provided by torch (no scraping of log text):
   (``torch._logging`` ``trace_structured`` artifacts ``recompile_reasons``, ``inductor_output_code``
   and, with ``config.trace.provenance_tracking_level = 1``, ``inductor_provenance_tracking_*``),
   received by a ``logging.Handler`` on the trace logger for the duration of the compile;
-* the post-grad graph before/after our passes: an observer that wraps whatever sits in
-  ``post_grad_custom_post_pass`` (our pass manager, chained with the user's pass) and snapshots
-  the FX graph around it, plus the pass counters ``counters["inductor_quant"]``;
+* the post-grad graph before/after our passes: an observer installed in the post-grad hook that
+  runs the pass already there (the user's), snapshots the FX graph, runs our pass manager and
+  snapshots again, keeping the counter changes (``counters["inductor_quant"]``) and the
+  decisions the passes recorded (``inductor_quant.patterns.records``);
 * bytes per kernel: an observer in ``_post_fusion_custom_pass`` that asks each fused scheduler
   node for Inductor's own estimate (``get_read_write_buffers_sizes``);
 * each kernel's source: the generated wrapper module, parsed with ``ast`` (the ``async_compile``
@@ -39,6 +40,8 @@ from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from ..patterns import records
+from ..patterns.records import COUNTER_GROUP
 from .report import (
     CompiledGraph,
     GraphBreak,
@@ -63,9 +66,6 @@ except ImportError:
     _SchedulerPassBase = object
 
 __all__ = ["PassObserver", "FusionObserver", "describe_pass", "snapshot_graph", "parse_output_code", "capture"]
-
-COUNTER_GROUP = "inductor_quant"
-"""``torch._dynamo.utils.counters`` group our passes count their rewrites in."""
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,8 +246,6 @@ class PassObserver(_GraphPassBase):
         self.hook = hook
 
     def __call__(self, graph: torch.fx.Graph, is_inference: bool | None = None) -> None:
-        from ..patterns import records
-
         for graph_pass in self.chained:
             _run_pass(graph_pass, graph, is_inference)
         before = snapshot_graph(graph)
@@ -295,7 +293,9 @@ class FusionObserver(_SchedulerPassBase):
             for sub in snode.get_nodes():
                 origins += [name for name in _origin_names(sub.node) if name not in origins]
             size = snode.get_read_write_buffers_sizes()
-            graph.fused.append(_FusedNode(origins, int(size) if isinstance(size, int) else None))
+            # A symbolic size (dynamic shapes) has no single byte count.
+            known = isinstance(size, int) or getattr(size, "is_Integer", False)
+            graph.fused.append(_FusedNode(origins, int(size) if known else None))
         return nodes
 
     def uuid(self) -> None:

@@ -306,6 +306,14 @@ def _bytes(value: int | None) -> str:
     return f"{value} B"
 
 
+def _names(names: list[str], limit: int = 6) -> str:
+    """``a, b, c`` (long lists cut after ``limit`` names; the JSON and HTML keep them all)."""
+    if not names:
+        return "-"
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... (+{len(names) - limit})"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -364,7 +372,7 @@ def render_text(report: InspectionReport) -> str:
                         kernel.kind,
                         _bytes(kernel.bytes_moved),
                         ", ".join(kernel.quantized_ops) or "-",
-                        ", ".join(kernel.nodes) or "-",
+                        _names(kernel.nodes),
                     ]
                 )
             out += _table(rows)
