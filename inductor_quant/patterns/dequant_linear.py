@@ -132,6 +132,10 @@ def _reject(pattern: str, match: Match, reason: str) -> bool:
 def _check(pattern: str, kind: str, match: Match) -> bool:
     """Whether the fused op computes exactly what the matched subgraph does; records why not."""
     kw = match.kwargs
+    matmul = match.output_node()
+    scaling = {**dict(zip(("beta", "alpha"), matmul.args[3:])), **matmul.kwargs}
+    if any(scaling.get(k, 1) != 1 for k in ("beta", "alpha")):
+        return _reject(pattern, match, f"addmm scales its terms ({scaling}); the fused op computes bias + x @ W.t()")
     x = _val(kw["x"])
     if x is None or not isinstance(x, torch.Tensor):
         return _reject(pattern, match, "the activation has no tensor metadata")

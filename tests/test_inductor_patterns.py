@@ -1,0 +1,396 @@
+"""dequantize+linear pattern pass, pass manager and ``inductor_quant.compile`` (CPU, C++ backend).
+
+Pattern tests follow PyTorch's test_pattern_matcher convention: clear the counters, run eager,
+run compiled through ``run_and_get_code``, compare, then assert the exact match count, the
+number of FX nodes the matches covered and what the generated code calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.utils import run_and_get_code
+
+import inductor_quant.compile as iq_compile
+from inductor_quant.code_tables import dynamic_map
+from inductor_quant.patterns import records
+from inductor_quant.patterns.pass_manager import QuantPassConfig, QuantPassManager, install_options
+
+iq = torch.ops.inductor_quant
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _inductor(tmp_path_factory):
+    """A private Inductor cache for this module, no FX graph cache (every compile must run the
+    passes), compiles in-process, scalar C++ (faster builds)."""
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
+    with inductor_config.patch(fx_graph_cache=False, compile_threads=1, **{"cpp.simdlen": 1}):
+        yield
+    if old is None:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
+def run_compiled(fn, *args, **compile_kwargs):
+    """Fresh counters and records; eager result, compiled result and generated source."""
+    torch._dynamo.reset()
+    counters.clear()
+    records.clear_fusion_decisions()
+    expected = fn(*args)
+    actual, source = run_and_get_code(iq_compile.compile(fn, fullgraph=True, **compile_kwargs), *args)
+    return expected, actual, "\n".join(source)
+
+
+def quant_counters() -> dict[str, int]:
+    return {k: v for k, v in counters["inductor_quant"].items() if v}
+
+
+def calls(source: str, op: str) -> int:
+    """Number of calls of ``op`` in the generated wrapper (extern ops and our fused ops)."""
+    return source.count(f"{op}(")
+
+
+def assert_close(actual, expected):
+    tolerances = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 1e-3}[expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=tolerances, atol=tolerances)
+
+
+def make_4bit(n, k, quant_type="nf4", storage=torch.uint8, blocksize=64):
+    weight = torch.randn(n, k)
+    packed, absmax = iq.quantize_4bit(weight, blocksize, quant_type, storage)
+    return packed, absmax
+
+
+# --------------------------------------------------------------------------------------------
+# dequantize_4bit + linear
+
+VARIANTS_4BIT = [
+    # dtype, activation shape, bias, quant_type, quant_storage
+    (torch.float32, (4, 64), True, "nf4", torch.uint8),
+    (torch.float32, (2, 3, 64), False, "fp4", torch.uint8),
+    (torch.bfloat16, (2, 3, 64), True, "nf4", torch.bfloat16),
+    (torch.bfloat16, (1, 64), False, "nf4", torch.uint8),
+    (torch.float16, (5, 64), True, "fp4", torch.uint8),
+    (torch.float16, (1, 2, 64), False, "nf4", torch.uint8),
+]
+
+
+@pytest.mark.parametrize("dtype, x_shape, has_bias, quant_type, storage", VARIANTS_4BIT)
+def test_dequantize_4bit_linear_becomes_gemm_4bit(dtype, x_shape, has_bias, quant_type, storage):
+    packed, absmax = make_4bit(32, 64, quant_type, storage)
+    x = torch.randn(x_shape, dtype=dtype)
+    bias = torch.randn(32, dtype=dtype) if has_bias else None
+
+    def fn(x, packed, absmax, bias):
+        weight = iq.dequantize_4bit(packed, absmax, 64, quant_type, [32, 64], x.dtype)
+        return F.linear(x, weight, bias)
+
+    expected, actual, source = run_compiled(fn, x, packed, absmax, bias)
+    assert_close(actual, expected)
+    name = "gemm_4bit_addmm" if has_bias else "gemm_4bit_mm"
+    assert quant_counters() == {name: 1, "dequant_linear_nodes": 3}  # dequantize, permute, mm
+    assert calls(source, "torch.ops.inductor_quant.gemm_4bit.default") == 1
+    assert calls(source, "extern_kernels.mm") + calls(source, "extern_kernels.addmm") == 0
+    assert "cpp_fused" not in source  # the weight is never materialized
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_double_quantized_absmax_goes_into_gemm_4bit(has_bias):
+    """Linear4bit's compiled form with compress_statistics: the 8-bit absmax, its code and
+    offset become gemm_4bit's absmax_8bit/absmax_code/absmax_offset (no absmax kernel)."""
+    code = dynamic_map()
+    packed, absmax = make_4bit(32, 64)
+    offset = absmax.mean()
+    absmax_8bit, nested_absmax = iq.quantize_blockwise(absmax - offset, code, 256)
+    x = torch.randn(2, 3, 64)
+    bias = torch.randn(32) if has_bias else None
+
+    def fn(x, packed, absmax_8bit, nested_absmax, offset, bias):
+        scales = iq.dequantize_blockwise(absmax_8bit, nested_absmax, code, 256, torch.float32) + offset
+        return F.linear(x, iq.dequantize_4bit(packed, scales, 64, "nf4", [32, 64], x.dtype), bias)
+
+    expected, actual, source = run_compiled(fn, x, packed, absmax_8bit, nested_absmax, offset, bias)
+    assert_close(actual, expected)
+    name = "gemm_4bit_nested_addmm" if has_bias else "gemm_4bit_nested_mm"
+    assert quant_counters() == {name: 1, "dequant_linear_nodes": 5}  # + dequantize_blockwise, add
+    assert calls(source, "torch.ops.inductor_quant.gemm_4bit.default") == 1
+    assert "cpp_fused" not in source
+
+
+@pytest.mark.parametrize("before_transpose", [True, False])
+def test_fp32_dequantize_converted_for_the_matmul(before_transpose):
+    """dequantize to fp32 then .to(bf16): one rounding of the same fp32 product, so gemm_4bit
+    dequantizing straight to bf16 is exact; the conversion node is part of the match."""
+    packed, absmax = make_4bit(32, 64)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+
+    def fn(x, packed, absmax):
+        weight = iq.dequantize_4bit(packed, absmax, 64, "nf4", [32, 64], torch.float32)
+        weight_t = weight.to(torch.bfloat16).t() if before_transpose else weight.t().to(torch.bfloat16)
+        return x @ weight_t
+
+    expected, actual, source = run_compiled(fn, x, packed, absmax)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert quant_counters() == {"gemm_4bit_mm": 1, "dequant_linear_nodes": 4}
+    assert calls(source, "torch.ops.inductor_quant.gemm_4bit.default") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# dequantize_blockwise + linear
+
+
+@pytest.mark.parametrize("dtype, x_shape, has_bias", [(torch.float32, (2, 3, 64), True), (torch.bfloat16, (1, 64), False)])
+def test_dequantize_blockwise_linear_becomes_linear_8bit(dtype, x_shape, has_bias):
+    code = dynamic_map()
+    codes, absmax = iq.quantize_blockwise(torch.randn(32, 64), code, 64)
+    x = torch.randn(x_shape, dtype=dtype)
+    bias = torch.randn(32, dtype=dtype) if has_bias else None
+
+    def fn(x, codes, absmax, bias):
+        return F.linear(x, iq.dequantize_blockwise(codes, absmax, code, 64, x.dtype), bias)
+
+    expected, actual, source = run_compiled(fn, x, codes, absmax, bias)
+    assert_close(actual, expected)
+    name = "linear_8bit_addmm" if has_bias else "linear_8bit_mm"
+    assert quant_counters() == {name: 1, "dequant_linear_nodes": 3}
+    assert calls(source, "torch.ops.inductor_quant.linear_8bit.default") == 1
+    assert "cpp_fused" not in source
+
+
+def test_pass_config_leaves_8bit_to_the_lowering():
+    code = dynamic_map()
+    codes, absmax = iq.quantize_blockwise(torch.randn(32, 64), code, 64)
+    x = torch.randn(4, 64)
+
+    def fn(x, codes, absmax):
+        return F.linear(x, iq.dequantize_blockwise(codes, absmax, code, 64, x.dtype))
+
+    expected, actual, source = run_compiled(fn, x, codes, absmax, pass_config=QuantPassConfig(dequant_linear_8bit=False))
+    assert_close(actual, expected)
+    assert quant_counters() == {}
+    assert calls(source, "extern_kernels.mm") == 1
+    assert "torch.ops.inductor_quant.dequantize_blockwise.default(" not in source  # lowered, not a fallback
+
+
+# --------------------------------------------------------------------------------------------
+# several consumers, negative cases
+
+
+def test_dequantize_with_several_consumers():
+    """Both matmul consumers are rewritten; the dequantize stays for the reduction and the
+    per-consumer decision is recorded once (module list and node.meta)."""
+    packed, absmax = make_4bit(32, 64)
+    x = torch.randn(5, 64)
+
+    def fn(x, packed, absmax):
+        weight = iq.dequantize_4bit(packed, absmax, 64, "nf4", [32, 64], x.dtype)
+        return F.linear(x, weight), F.linear(x.sin(), weight), weight.abs().amax()
+
+    expected, actual, source = run_compiled(fn, x, packed, absmax)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+    assert quant_counters() == {"gemm_4bit_mm": 2, "dequant_linear_nodes": 6, "dequant_multi_consumer": 1}
+    assert calls(source, "torch.ops.inductor_quant.gemm_4bit.default") == 2
+    per_consumer = [d for d in records.fusion_decisions() if d.action == "per-consumer"]
+    assert len(per_consumer) == 1 and per_consumer[0].op == "inductor_quant.dequantize_4bit.default"
+    assert "3 consumers" in per_consumer[0].reason
+
+
+def test_negative_cases_do_not_match():
+    """None of these is dequantize -> transpose -> matmul with an exact fused equivalent."""
+    packed, absmax = make_4bit(32, 64)
+    packed_kn, absmax_kn = make_4bit(64, 32)
+    x = torch.randn(4, 64)
+
+    def fn(x, packed, absmax, packed_kn, absmax_kn):
+        narrow = iq.dequantize_4bit(packed, absmax, 64, "nf4", [32, 64], torch.bfloat16)
+        widened = F.linear(x, narrow.float())  # bf16 rounding the fused op would skip
+        activated = F.linear(x, torch.relu(iq.dequantize_4bit(packed, absmax, 64, "nf4", [32, 64], x.dtype)))
+        untransposed = x @ iq.dequantize_4bit(packed_kn, absmax_kn, 64, "nf4", [64, 32], x.dtype)
+        weight = iq.dequantize_4bit(packed, absmax, 64, "fp4", [32, 64], x.dtype)
+        scaled = torch.addmm(torch.ones(32), x, weight.t(), beta=0.5)
+        return widened, activated, untransposed, scaled
+
+    with inductor_config.patch(emulate_precision_casts=True):  # keep the bf16 rounding of `narrow`
+        expected, actual, source = run_compiled(fn, x, packed, absmax, packed_kn, absmax_kn)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+    assert quant_counters() == {}
+    assert "gemm_4bit" not in source
+    reasons = [d.reason for d in records.fusion_decisions() if d.action == "not rewritten"]
+    assert any("skip the rounding to torch.bfloat16" in r for r in reasons), reasons
+    assert any("addmm scales its terms" in r for r in reasons), reasons
+
+
+# --------------------------------------------------------------------------------------------
+# a quantized transformer block
+
+
+class QuantLinear(torch.nn.Module):
+    """An nn.Linear's weight quantized with our ops; forward is dequantize + F.linear."""
+
+    def __init__(self, linear: torch.nn.Linear, quant_type: str = "nf4", blocksize: int = 64) -> None:
+        super().__init__()
+        packed, absmax = iq.quantize_4bit(linear.weight.detach(), blocksize, quant_type, torch.uint8)
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", absmax)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone())
+        self.shape = list(linear.weight.shape)
+        self.quant_type, self.blocksize = quant_type, blocksize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = iq.dequantize_4bit(self.packed, self.absmax, self.blocksize, self.quant_type, self.shape, x.dtype)
+        return F.linear(x, weight, self.bias)
+
+
+class Block(torch.nn.Module):
+    """Pre-norm attention + SwiGLU MLP, every projection a QuantLinear."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, hidden: int = 128) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.qkv = QuantLinear(torch.nn.Linear(dim, 3 * dim))
+        self.out = QuantLinear(torch.nn.Linear(dim, dim, bias=False))
+        self.gate = QuantLinear(torch.nn.Linear(dim, hidden, bias=False))
+        self.up = QuantLinear(torch.nn.Linear(dim, hidden, bias=False), quant_type="fp4")
+        self.down = QuantLinear(torch.nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(attn.transpose(1, 2).reshape(b, s, d))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def test_quantized_block_fullgraph_no_recompiles():
+    """fullgraph compile of the block: all five projections (qkv and down with bias) become
+    gemm_4bit; 20 calls with a changing batch size after warm-up cause no recompile."""
+    block = Block().eval()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_block = iq_compile.compile(block, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        x = torch.randn(2, 8, 64)  # warm-up: one compile with a symbolic batch (sizes >= 2)
+        assert_close(compiled_block(x), block(x))
+        assert quant_counters() == {"gemm_4bit_addmm": 2, "gemm_4bit_mm": 3, "dequant_linear_nodes": 15}
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for step in range(20):
+                x = torch.randn(2 + step % 5, 8, 64)
+                assert_close(compiled_block(x), block(x))
+
+
+# --------------------------------------------------------------------------------------------
+# pass manager, entry point, caching
+
+
+class CountingPass(CustomGraphPass):
+    """A user's own post-grad pass: counts its calls, has a uuid."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag, self.calls = tag, 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.calls += 1
+
+    def uuid(self) -> str:
+        return f"counting-pass-{self.tag}"
+
+
+def test_compile_chains_the_users_pass_and_changes_no_global_config():
+    packed, absmax = make_4bit(32, 64)
+    x = torch.randn(4, 64)
+
+    def fn(x, packed, absmax):
+        return F.linear(x, iq.dequantize_4bit(packed, absmax, 64, "nf4", [32, 64], x.dtype))
+
+    user_pass = CountingPass("a")
+    def settings():
+        copy = inductor_config.get_config_copy()  # deep copy: compare the hooks by identity instead
+        return {k: v for k, v in copy.items() if "custom" not in k}, [getattr(inductor_config, k) for k in copy if "custom" in k]
+
+    with inductor_config.patch(post_grad_custom_post_pass=user_pass):
+        before, hooks_before = settings()
+        expected, actual, _ = run_compiled(fn, x, packed, absmax)
+        after, hooks_after = settings()
+        assert after == before
+        assert all(a is b for a, b in zip(hooks_after, hooks_before))
+        assert inductor_config.post_grad_custom_post_pass is user_pass
+    assert_close(actual, expected)
+    assert user_pass.calls == 1
+    assert quant_counters()["gemm_4bit_mm"] == 1
+
+
+def test_install_options_composes_instead_of_clobbering():
+    user_pass = CountingPass("a")
+    options = install_options({"post_grad_custom_post_pass": user_pass, "max_autotune": False})
+    manager = options["post_grad_custom_post_pass"]
+    assert isinstance(manager, QuantPassManager) and manager.chained == (user_pass,)
+    assert options["max_autotune"] is False
+    again = install_options(options)["post_grad_custom_post_pass"]
+    assert again.chained == (user_pass,)  # our earlier manager is replaced, the user's pass kept
+    with pytest.raises(ValueError, match="hook must be one of"):
+        install_options({}, hook="joint_custom_pre_pass")
+    with pytest.raises(ValueError, match="backend must be 'inductor'"):
+        iq_compile.compile(lambda x: x, backend="eager")
+
+
+def test_uuid_identifies_sources_config_and_chained_passes():
+    base = QuantPassManager().uuid()
+    assert isinstance(base, str) and base == QuantPassManager().uuid()
+    assert QuantPassManager(QuantPassConfig(dequant_linear_8bit=False)).uuid() != base
+    with_a = QuantPassManager(chained=CountingPass("a")).uuid()
+    assert with_a not in (None, base) and with_a != QuantPassManager(chained=CountingPass("b")).uuid()
+    assert QuantPassManager(chained=lambda graph: None).uuid() is None  # unknown pass: no caching
+    # (test_second_process_hits_the_fx_graph_cache checks that other processes get the same uuid)
+
+
+def test_second_process_hits_the_fx_graph_cache(tmp_path):
+    """Two fresh processes share one cache directory: the first compiles (miss, the pass runs),
+    the second loads the compiled graph (hit) and still computes the right result."""
+    script = textwrap.dedent(
+        """
+        import json, torch, torch.nn.functional as F
+        import inductor_quant.compile as iq_compile
+        from torch._dynamo.utils import counters
+        from inductor_quant.patterns.pass_manager import QuantPassManager
+        iq = torch.ops.inductor_quant
+        torch.manual_seed(0)
+        packed, absmax = iq.quantize_4bit(torch.randn(32, 64), 64, "nf4", torch.uint8)
+        x = torch.randn(4, 64)
+        def fn(x, packed, absmax):
+            return F.linear(x, iq.dequantize_4bit(packed, absmax, 64, "nf4", [32, 64], x.dtype)) * 2
+        out = iq_compile.compile(fn, fullgraph=True)(x, packed, absmax)
+        print(json.dumps({
+            "hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
+            "rewrites": counters["inductor_quant"]["gemm_4bit_mm"], "ok": bool(torch.equal(out, fn(x, packed, absmax))),
+            "uuid": QuantPassManager().uuid(),
+        }))
+        """
+    )
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    uuid = QuantPassManager().uuid()
+    assert first == {"hit": 0, "miss": 1, "rewrites": 1, "ok": True, "uuid": uuid}
+    assert second == {"hit": 1, "miss": 0, "rewrites": 0, "ok": True, "uuid": uuid}  # cached: the pass did not run again
