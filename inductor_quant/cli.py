@@ -61,6 +61,7 @@ def _add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is present, else cpu)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--no-compile", action="store_true", help="run eagerly (no torch.compile)")
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs; GPU only)")
     parser.add_argument(
         "--variants", default="nf4,int8",
         help=f"comma-separated quantized variants among {', '.join(v for v in VARIANTS if v != 'unquantized')} (default nf4,int8)",
@@ -96,7 +97,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         log = None if args.quiet else (lambda line: print(f"[{time.perf_counter() - start:5.1f} s] {line}", file=sys.stderr, flush=True))
         report = run_demo(
             config, variants=variants, device=device, dtype=_DTYPES[args.dtype], batch_size=args.batch_size,
-            prompt_len=args.prompt_len, new_tokens=args.new_tokens, compile=not args.no_compile, seed=args.seed, log=log,
+            prompt_len=args.prompt_len, new_tokens=args.new_tokens, compile=not args.no_compile, compile_mode=args.mode,
+            seed=args.seed, log=log,
         )
     except ValueError as error:
         return _error("demo", str(error))

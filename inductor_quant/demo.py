@@ -131,16 +131,16 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _compile(model: TinyLlama) -> Callable:
+def _compile(model: TinyLlama, mode: str | None) -> Callable:
     """The model compiled with the inductor_quant passes (static shapes)."""
     from .compile import compile as compile_with_passes
 
-    return compile_with_passes(model, dynamic=False)
+    return compile_with_passes(model, dynamic=False, mode=mode)
 
 
-def _fusion_summary(counter_delta: dict[str, int], kernels: int) -> str:
+def _fusion_summary(counter_delta: dict[str, int], kernels: int, graphs: int) -> str:
     matched = ", ".join(f"{name} x{count}" for name, count in sorted(counter_delta.items()) if count) or "no pattern rewrites"
-    return f"{matched}; {kernels} generated kernels"
+    return f"{matched}; {kernels} generated kernels; {graphs} graph{'s' if graphs != 1 else ''} compiled"
 
 
 @torch.no_grad()
@@ -156,12 +156,14 @@ def _decode(
     predicted tokens (B, new_tokens))``."""
     model.setup_caches(prompt.shape[0])
     prompt_len = prompt.shape[1]
+    # fresh canonical-stride copies: a strided view would fail the compiled step's stride guard
+    forced_steps = None if forced is None else [column.clone(memory_format=torch.contiguous_format) for column in forced.unbind(1)]
     logits = model(prompt, torch.arange(prompt_len, device=prompt.device))
     all_logits = [logits]
     predicted = [logits[:, -1].argmax(dim=-1)]
     for i in range(new_tokens - 1):
-        token = predicted[-1] if forced is None else forced[:, i]
-        logits = step(token[:, None], torch.tensor([prompt_len + i], device=prompt.device))
+        token = predicted[-1] if forced_steps is None else forced_steps[i]
+        logits = step(token[:, None], torch.tensor([prompt_len + i], device=prompt.device)).clone()  # CUDA graphs reuse outputs
         all_logits.append(logits)
         predicted.append(logits[:, -1].argmax(dim=-1))
     return torch.cat(all_logits, dim=1), torch.stack(predicted, dim=1)
@@ -177,6 +179,7 @@ def run_demo(
     prompt_len: int = 16,
     new_tokens: int = 16,
     compile: bool = True,
+    compile_mode: str | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> DemoReport:
@@ -187,7 +190,8 @@ def run_demo(
         variants: names from :data:`VARIANTS`; the first row is the error baseline and is always
             ``"unquantized"`` (added when missing).
         device: "cpu", "cuda", ... (default: the GPU when present).
-        compile: compile each variant with ``inductor_quant.compile`` (else run eagerly).
+        compile: compile each variant's decode step with ``inductor_quant.compile`` (else eager).
+        compile_mode: ``torch.compile`` mode, e.g. ``"reduce-overhead"`` (CUDA graphs) on a GPU.
         log: called with a progress line per stage (e.g. ``print``).
     """
     unknown = [v for v in variants if v not in VARIANTS]
@@ -225,20 +229,26 @@ def run_demo(
             torch._dynamo.reset()
             metrics.reset()
             before = dict(counters["inductor_quant"])
+            graphs_before = counters["stats"]["unique_graphs"]
             start = time.perf_counter()
-            step = _compile(model)
-            _decode(model, step, prompt, 2)  # the first call compiles
+            step = _compile(model, compile_mode)
+            # the first call compiles; caches off so the passes run and count their rewrites
+            # (a cache hit would skip them and the fusion summary would read 0)
+            with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+                _decode(model, step, prompt, 2)
             _synchronize(device)
             compile_s = time.perf_counter() - start
             delta = {k: v - before.get(k, 0) for k, v in counters["inductor_quant"].items()}
-            fusion = _fusion_summary(delta, metrics.generated_kernel_count)
+            kernels = metrics.generated_kernel_count
         say(f"decoding: {variant}")
-        _decode(model, step, prompt, 2)  # warm-up (caches, allocator)
+        _decode(model, step, prompt, 4)  # warm-up (caches, allocator, CUDA graph recording)
         _synchronize(device)
         start = time.perf_counter()
         logits, tokens = _decode(model, step, prompt, new_tokens, forced=ref_tokens)
         _synchronize(device)
         elapsed = time.perf_counter() - start
+        if compile:
+            fusion = _fusion_summary(delta, kernels, counters["stats"]["unique_graphs"] - graphs_before)
         if ref_logits is None:
             ref_logits, ref_tokens = logits.float(), tokens
         err = (logits.float() - ref_logits).abs()

@@ -197,13 +197,22 @@ class TinyLlama(nn.Module):
         self.cache_batch_size = 0
 
     def setup_caches(self, batch_size: int) -> None:
-        """Allocate static KV caches for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
+        """Static KV caches for ``batch_size`` sequences of up to ``max_seq_len`` tokens.
+
+        Caches of the right size, dtype and device are zeroed in place rather than replaced: a
+        compiled model guards on its buffers, and new cache tensors would force a recompile."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         dtype = self.embed_tokens.weight.dtype
         device = self.embed_tokens.weight.device
+        shape = (batch_size, self.config.kv_heads, self.config.max_seq_len, self.config.head_dim)
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, self.config.kv_heads, self.config.max_seq_len, self.config.head_dim, dtype, device)
+            cache = layer.self_attn.kv_cache
+            if cache is not None and cache.k_cache.shape == shape and cache.k_cache.dtype == dtype and cache.k_cache.device == device:
+                cache.k_cache.zero_()
+                cache.v_cache.zero_()
+            else:
+                layer.self_attn.kv_cache = KVCache(batch_size, self.config.kv_heads, self.config.max_seq_len, self.config.head_dim, dtype, device)
         self.cache_batch_size = batch_size
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:

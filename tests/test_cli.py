@@ -67,6 +67,7 @@ def test_demo_compiled(capsys):
     assert set(rows) == {"unquantized", "nf4"}
     fusion = [line for line in out.splitlines() if line.startswith("fusion (nf4")]
     assert len(fusion) == 1 and "generated kernels" in fusion[0]
+    assert "; 1 graph compiled" in fusion[0]  # decoding never recompiled
     assert "gemm_4bit" in fusion[0]  # the dequantize + linear pairs were rewritten
 
 

@@ -129,3 +129,14 @@ def test_generate_errors():
         model.generate(_prompt(), -1)
     with pytest.raises(ValueError, match="dtype"):
         build_model(SMALL, dtype=torch.int32)
+
+
+def test_setup_caches_reuses_buffers_so_compiled_decoding_does_not_recompile():
+    model = build_model(SMALL)
+    model.setup_caches(2)
+    k_cache = model.layers[0].self_attn.kv_cache.k_cache
+    k_cache.fill_(1.0)
+    model.setup_caches(2)
+    assert model.layers[0].self_attn.kv_cache.k_cache is k_cache and not k_cache.any()
+    model.setup_caches(1)
+    assert model.layers[0].self_attn.kv_cache.k_cache.shape[0] == 1
