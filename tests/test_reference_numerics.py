@@ -739,3 +739,51 @@ def test_8bit_signed_state_keeps_its_sign():
     state = _dequantize_state(q1, a1, qmap1)
     assert state[0].item() == 1.0
     assert state[1].item() < 0 and q1[1].item() == 126
+
+
+@pytest.mark.parametrize("name", ["adam", "ademamix", "momentum", "lion"])
+def test_optimizers_non_contiguous_equal_contiguous(name):
+    torch.manual_seed(10)
+    two = name in ("adam", "ademamix")
+    lead = (2,) if name == "ademamix" else ()
+
+    def strided(t):  # same values, transposed storage
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    p, g = torch.randn(3, 300), torch.randn(3, 300) * 0.1
+    s1, s2 = torch.randn(*lead, 3, 300) * 0.01, torch.rand(3, 300) * 1e-3
+    args = [(strided(p), strided(g), strided(s1), strided(s2) if two else None),
+            (p.clone(), g.clone(), s1.clone(), s2.clone() if two else None)]
+    assert not args[0][0].is_contiguous() and not args[0][2].is_contiguous()
+    for P, G, S1, S2 in args:
+        _update32(name, G, P, S1, S2, step=2, weight_decay=0.01)
+    assert torch.equal(args[0][0], args[1][0]) and torch.equal(args[0][2], args[1][2])
+
+    qmap1, qmap2 = dynamic_map(signed=True), dynamic_map(signed=False)
+    results = []
+    for P, G in ((strided(p), strided(g)), (p.clone(), g.clone())):
+        S1 = torch.full((*lead, 300, 3), 127, dtype=torch.uint8).transpose(-1, -2)
+        S2 = torch.zeros(300, 3, dtype=torch.uint8).transpose(-1, -2) if two else None
+        if P.is_contiguous():
+            S1, S2 = S1.contiguous(), None if S2 is None else S2.contiguous()
+        A1, A2 = torch.zeros(*lead, 4), torch.zeros(4) if two else None
+        ops.optimizer_update_8bit_blockwise(name, G, P, S1, S2, 0.9, 0.999, 0.9999, 5.0, 1e-8, 1, 1e-3, qmap1,
+                                            qmap2 if two else None, A1, A2, 0.01, 1.0, False)
+        results.append((P, S1, A1))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_optimizers_empty_parameters():
+    e = torch.empty(0)
+    for name in ("adam", "momentum"):
+        two = name == "adam"
+        p = e.clone()
+        _update32(name, e, p, e.clone(), e.clone() if two else None)
+        assert p.shape == (0,)
+        s1 = torch.empty(0, dtype=torch.uint8)
+        ops.optimizer_update_8bit_blockwise(
+            name, e, p, s1, s1.clone() if two else None, 0.9, 0.999, 0.0, 0.0, 1e-8, 1, 1e-3, dynamic_map(),
+            dynamic_map(signed=False) if two else None, torch.empty(0), torch.empty(0) if two else None, 0.0, 1.0, False,
+        )
+        assert p.shape == (0,)
