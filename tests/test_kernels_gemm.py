@@ -113,12 +113,13 @@ def test_tiles_smaller_than_a_block(path):
     _check(weight.fused(A, path=path, config=config), A, weight)
 
 
-@pytest.mark.parametrize("split_k, has_bias", [(2, True), (4, False)])
-def test_dot_split_k_reduces_deterministically_and_resets_counters(split_k, has_bias):
+@pytest.mark.parametrize("split_k, has_bias, act_left", [(2, True, False), (4, False, True)])
+def test_dot_split_k_reduces_deterministically_and_resets_counters(split_k, has_bias, act_left):
     weight = Weight(40, 1024, nested=True)
     A = torch.randn(20, 1024, dtype=torch.float16)
     bias = torch.randn(40, dtype=torch.float16) if has_bias else None
-    config = kernels.KernelConfig(block_n=64, block_k=128, num_warps=4, block_m=16, split_k=split_k)
+    config = kernels.KernelConfig(block_n=64, block_k=128, num_warps=4, block_m=16, split_k=split_k,
+                                  act_left=act_left)
     out = weight.fused(A, bias, path="dot", config=config)
     _check(out, A, weight, bias)
     assert (kernels._counters(1, A.device) == 0).all()
@@ -127,11 +128,15 @@ def test_dot_split_k_reduces_deterministically_and_resets_counters(split_k, has_
 
 
 def test_split_k_choice():
-    # Few tiles and a long K: split until 4 programs per multiprocessor (4 "SMs" off the GPU).
-    assert kernels._split_k(1, 4096, 128, torch.device("cpu")) == 8
-    assert kernels._split_k(64, 4096, 128, torch.device("cpu")) == 1
-    assert kernels._split_k(1, 512, 128, torch.device("cpu")) == 1  # each split keeps >= 4 K-tiles
-    assert kernels._split_k(1, 5 * 128 * 4, 128, torch.device("cpu")) == 4  # K / 8 not a multiple of 128
+    cpu = torch.device("cpu")  # counts as 4 multiprocessors
+    # Few tiles and a long K: split until 4 programs per multiprocessor (block_m <= 32) ...
+    assert kernels._split_k(1, 4096, 128, 16, cpu) == 8
+    assert kernels._split_k(64, 4096, 128, 16, cpu) == 1
+    assert kernels._split_k(1, 512, 128, 16, cpu) == 1  # each split keeps >= 4 K-tiles
+    assert kernels._split_k(1, 5 * 128 * 4, 128, 16, cpu) == 4  # K / 8 not a multiple of 128
+    # ... or 1.5 per multiprocessor for block_m >= 64.
+    assert kernels._split_k(1, 4096, 128, 64, cpu) == 8
+    assert kernels._split_k(3, 4096, 128, 64, cpu) == 2
 
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
@@ -332,7 +337,7 @@ def test_gpu_shuffle_lookup_matches_gather(path):
             kernels._gemm_4bit_dot_kernel[(1024 // cfg.block_n,)](
                 *args, gather, weight.absmax, weight.absmax, 16, 1024, 2048, 2048, 1024, BLOCKSIZE=64,
                 NESTED=False, HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                SPLIT_K=1, USE_SHFL=False, DOT_PRECISION="tf32", num_warps=cfg.num_warps)
+                SPLIT_K=1, ACT_LEFT=False, USE_SHFL=False, DOT_PRECISION="tf32", num_warps=cfg.num_warps)
         torch.testing.assert_close(out, gather, rtol=0, atol=0)
 
 

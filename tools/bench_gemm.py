@@ -103,6 +103,24 @@ def _check(p: Problem, A: torch.Tensor, out: torch.Tensor) -> float:
     return ((out.double() - exact).norm() / exact.norm()).item()
 
 
+def _graph_bench(fn) -> tuple[float, str]:
+    """Median GPU time of ``fn`` replayed from a CUDA graph (host launch overhead excluded; it is
+    reported separately), or eagerly if ``fn`` cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return benchlib.bench(graph.replay), "graph"
+    except Exception as error:  # noqa: BLE001  (report and time eagerly instead)
+        torch.cuda.synchronize()
+        return benchlib.bench(fn), f"eager ({type(error).__name__})"
+
+
 def run(copy_bw: float, shapes=SHAPES, ms=MS) -> list[benchlib.Row]:
     """Time ours, bitsandbytes and bf16 F.linear on every shape and M; check ours first."""
     rows: list[benchlib.Row] = []
@@ -116,14 +134,16 @@ def run(copy_bw: float, shapes=SHAPES, ms=MS) -> list[benchlib.Row]:
             if not err < 4e-3:
                 raise AssertionError(f"inductor_quant {_op_name(M)} {shape}: relative error {err:.2e}")
             path = kernels.fused_path(M, p.B, K, BLOCKSIZE) if M <= kernels.FUSED_MAX_M else "dequant+linear"
-            rows.append(benchlib.make_row(_op_name(M), shape, "inductor_quant", benchlib.bench(ours), p.quant_bytes(M),
-                                          copy_bw, f"{path}, rel err {err:.1e}, host {_cpu_us_per_call(ours):.0f} us/call"))
+            t, how = _graph_bench(ours)
+            rows.append(benchlib.make_row(_op_name(M), shape, "inductor_quant", t, p.quant_bytes(M), copy_bw,
+                                          f"{path}, {how}, rel err {err:.1e}, host {_cpu_us_per_call(ours):.0f} us/call"))
             theirs = _theirs(p, A)
             if theirs is not None:
-                rows.append(benchlib.make_row(_op_name(M), shape, "bnb", benchlib.bench(theirs), p.quant_bytes(M),
-                                              copy_bw, f"host {_cpu_us_per_call(theirs):.0f} us/call"))
-            rows.append(benchlib.make_row(_op_name(M), shape, "torch bf16 linear",
-                                          benchlib.bench(lambda: F.linear(A, p.W)), p.bf16_bytes(M), copy_bw))
+                t, how = _graph_bench(theirs)
+                rows.append(benchlib.make_row(_op_name(M), shape, "bnb", t, p.quant_bytes(M), copy_bw,
+                                              f"{how}, host {_cpu_us_per_call(theirs):.0f} us/call"))
+            t, how = _graph_bench(lambda: F.linear(A, p.W))
+            rows.append(benchlib.make_row(_op_name(M), shape, "torch bf16 linear", t, p.bf16_bytes(M), copy_bw, how))
         del p
         torch.cuda.empty_cache()
     return rows
@@ -159,7 +179,7 @@ def dot_configs(block_m: int) -> list[kernels.KernelConfig]:
     return configs
 
 
-def _time_config(p: Problem, A, path: str, cfg: kernels.KernelConfig, out) -> float:
+def _time_config(p: Problem, A, path: str, cfg: kernels.KernelConfig, out, rep_ms: int = 25) -> float:
     def fn():
         return kernels.gemm_4bit_fused(A, p.B, p.N, p.K, p.absmax, p.code, BLOCKSIZE, out=out, path=path, config=cfg)
 
@@ -168,25 +188,41 @@ def _time_config(p: Problem, A, path: str, cfg: kernels.KernelConfig, out) -> fl
     err = _check(p, A, out)
     if not err < 4e-3:
         raise AssertionError(f"{path} {cfg} on {p.N}x{p.K} M={A.shape[0]}: relative error {err:.2e}")
-    return benchlib.bench(fn, warmup_ms=5, rep_ms=25)
+    return benchlib.bench(fn, warmup_ms=5, rep_ms=rep_ms)
 
 
-def sweep(copy_bw: float, shapes=SHAPES) -> dict:
+def quick_candidates(M: int) -> list[tuple[str, kernels.KernelConfig]]:
+    """The dot-kernel configurations the full sweep left in contention (and the ``act_left``
+    variant), timed with longer repeats."""
+    KC = kernels.KernelConfig
+    bm = 16 if M <= 16 else 64
+    return [
+        ("dot", KC(64, 128, 4, block_m=bm)),
+        ("dot", KC(64, 128, 4, block_m=64, act_left=True)),
+        ("dot", KC(128, 128, 4, block_m=64, act_left=True)),
+        ("dot", KC(64, 256, 4, block_m=bm)),
+        ("dot", KC(128, 128, 8, block_m=bm)),
+    ]
+
+
+def sweep(copy_bw: float, shapes=SHAPES, quick: bool = False) -> dict:
     results = []
     best_lines = []
+    if quick:
+        shapes = [(4096, 14336), (28672, 8192)]
     for N, K in shapes:
         p = Problem(N, K)
-        for M in SWEEP_MS:
+        for M in ([16, 64] if quick else SWEEP_MS):
             A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-            candidates = []
-            if M == 1:
-                candidates += [("gemv", cfg) for cfg in gemv_configs()]
-            block_ms = (16,) if M <= 16 else (64,)
-            candidates += [("dot", cfg) for bm in block_ms for cfg in dot_configs(bm)]
+            if quick:
+                candidates = quick_candidates(M)
+            else:
+                candidates = [("gemv", cfg) for cfg in gemv_configs()] if M == 1 else []
+                candidates += [("dot", cfg) for cfg in dot_configs(16 if M <= 16 else 64)]
             timed = []
             for path, cfg in candidates:
-                t = _time_config(p, A, path, cfg, out)
+                t = _time_config(p, A, path, cfg, out, rep_ms=60 if quick else 25)
                 pct = 100 * p.quant_bytes(M) / (t * 1e-6) / copy_bw
                 timed.append((t, path, cfg))
                 results.append(dict(N=N, K=K, M=M, path=path, cfg=cfg.__dict__, time_us=t, copy_pct=pct))
@@ -195,14 +231,14 @@ def sweep(copy_bw: float, shapes=SHAPES) -> dict:
                 pct = 100 * p.quant_bytes(M) / (t * 1e-6) / copy_bw
                 best_lines.append(f"{N}x{K} M={M:<3} {path:5} {t:8.1f} us {pct:5.1f} %  {cfg}")
                 print(best_lines[-1], flush=True)
-            if M == 1:
+            if M == 1 and not quick:
                 gemv_best = min((x for x in timed if x[1] == "gemv"), key=lambda x: x[0])
                 dot_best = min((x for x in timed if x[1] == "dot"), key=lambda x: x[0])
                 best_lines.append(f"  M=1 best gemv {gemv_best[0]:.1f} us vs best dot {dot_best[0]:.1f} us")
                 print(best_lines[-1], flush=True)
         del p
         torch.cuda.empty_cache()
-    crossover = _crossover(copy_bw)
+    crossover = [] if quick else _crossover(copy_bw)
     return {"configs": results, "best": best_lines, "crossover": crossover}
 
 
@@ -247,6 +283,27 @@ def profile(path: str) -> None:
     torch.cuda.synchronize()
 
 
+def host_profile() -> None:
+    """cProfile of the eager host path of the ops (what an un-graphed decode step pays per layer)."""
+    import cProfile
+    import pstats
+
+    p = Problem(4096, 4096)
+    for M in (1, 16):
+        A = torch.randn(M, p.K, device="cuda", dtype=torch.bfloat16)
+        fn = _ours(p, A)
+        print(f"M={M}: ours {_cpu_us_per_call(fn):.0f} us/call, direct launcher "
+              f"{_cpu_us_per_call(lambda: kernels.gemm_4bit_fused(A, p.B, p.N, p.K, p.absmax, p.code, BLOCKSIZE)):.0f}"
+              f" us/call, bnb {_cpu_us_per_call(_theirs(p, A)):.0f} us/call")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(300):
+            fn()
+        profiler.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+
+
 def _cpu_us_per_call(fn, calls: int = 200) -> float:
     """Host time per call, launches queued back to back (the eager overhead of an op)."""
     import time
@@ -266,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench_gemm.json", help="where to write the results")
     parser.add_argument("--sweep", action="store_true", help="time every tile config and the M crossover")
     parser.add_argument("--profile", choices=("gemv", "dot"), help="only launch one kernel (for ncu)")
+    parser.add_argument("--quick", action="store_true", help="with --sweep: only the configs still in contention")
+    parser.add_argument("--host-profile", action="store_true", help="cProfile the ops' eager host path")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gemm: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
@@ -273,13 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile(args.profile)
         return 0
+    if args.host_profile:
+        host_profile()
+        return 0
     copy_bw = benchlib.measure_copy_bandwidth()
     meta = {**benchlib.environment(), "copy_bandwidth_TBps": copy_bw / 1e12}
     print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
     if args.sweep:
         import json
 
-        result = sweep(copy_bw)
+        result = sweep(copy_bw, quick=args.quick)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, **result}, f, indent=1)
         print("\n".join(result["best"]))

@@ -46,9 +46,11 @@ __all__ = [
 
 NESTED_BLOCKSIZE = 256
 
-# Largest number of rows of A (tokens) for which the fused kernels beat dequantize + cuBLAS on the
-# H100 (tools/notes_gemm.md); above it the op dequantizes and calls F.linear.
-FUSED_MAX_M = 64
+# Largest number of rows of A (tokens) for which the ops use the fused kernels; above it they
+# dequantize and call F.linear (cuBLAS). H100 crossover (tools/notes_gemm.md): the fused kernel
+# beats dequantize + F.linear up to M = 128 on 28672x8192 (269 vs 391 us) and on 4096x4096 with
+# the dequantize op measured then (48 vs 71 us), and loses from M = 192 on the large weight.
+FUSED_MAX_M = 128
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class KernelConfig:
     block_m: int = 1
     num_stages: int = 1
     split_k: int | None = None  # dot kernel: None = enough K-splits to fill the GPU
+    act_left: bool = False  # dot kernel: A @ W.T instead of W @ A.T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,14 +195,16 @@ def _gemm_4bit_dot_kernel(
     M, N, K, stride_am, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_SHFL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACT_LEFT: tl.constexpr, USE_SHFL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``out[m-tile, n-tile]`` with the dequantized weight tile rounded to A's dtype and ``tl.dot``.
 
     Needs ``K % (SPLIT_K * BLOCK_K) == 0`` and ``K % BLOCKSIZE == 0``. Loads run one K-tile ahead.
     With ``SPLIT_K > 1`` each of the ``SPLIT_K`` programs of a tile sums one slice of K into
     ``workspace [SPLIT_K, M, N]`` (fp32) and bumps ``counters[tile]``; the last to arrive adds the
-    slices in split order (deterministic), writes ``out`` and resets the counter to 0."""
+    slices in split order (deterministic), writes ``out`` and resets the counter to 0.
+    ``ACT_LEFT`` computes ``A @ W.T`` (activations as the left MMA operand, the weight tile from
+    shared memory) instead of ``W @ A.T``; the result is the same."""
     pid = tl.program_id(0)
     split = pid % SPLIT_K
     tile = pid // SPLIT_K
@@ -228,7 +233,10 @@ def _gemm_4bit_dot_kernel(
     k_len = K // SPLIT_K
     k_begin = split * k_len
     k_last = k_begin + k_len - BLOCK_K
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if ACT_LEFT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     words = tl.load(words_ptrs + k_begin // 8)
     scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_begin // BLOCKSIZE, NESTED)
     for k0 in range(k_begin, k_begin + k_len, BLOCK_K):
@@ -238,9 +246,14 @@ def _gemm_4bit_dot_kernel(
         w = _dequant_words(words, scale[:, :, None], lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
         w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(A.dtype.element_ty)
         a = tl.load(a_ptrs + k0)
-        acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
+        if ACT_LEFT:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
         words = words_next
         scale = scale_next
+    if ACT_LEFT:
+        acc = tl.trans(acc)
 
     mask = (rows[:, None] < N) & (ms[None, :] < M)
     tile_offsets = ms[None, :].to(tl.int64) * N + rows[:, None]
@@ -332,15 +345,17 @@ def _largest_dividing_pow2(K: int, limit: int) -> int:
     return block
 
 
+@functools.lru_cache(maxsize=None)
 def _gemv_config(N: int, K: int) -> KernelConfig:
-    block_k = _largest_dividing_pow2(K, 512)
-    return KernelConfig(block_n=4, block_k=block_k, num_warps=4)
+    # H100 sweep (tools/notes_gemm.md): 2 rows x 512 codes per 2-warp program was fastest or
+    # within a few % of it on every benchmark shape; small programs keep many loads in flight.
+    return KernelConfig(block_n=2, block_k=_largest_dividing_pow2(K, 512), num_warps=2)
 
 
+@functools.lru_cache(maxsize=None)
 def _dot_config(M: int, N: int, K: int) -> KernelConfig:
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_k = _largest_dividing_pow2(K, 128)
-    return KernelConfig(block_n=64, block_k=block_k, num_warps=4, block_m=block_m)
+    block_m = 16 if M <= 16 else (32 if M <= 32 else (64 if M <= 64 else 128))
+    return KernelConfig(block_n=64, block_k=_largest_dividing_pow2(K, 128), num_warps=4, block_m=block_m)
 
 
 def _generic_config(M: int, N: int, K: int) -> KernelConfig:
@@ -354,10 +369,13 @@ def _multiprocessors(device: torch.device) -> int:
     return 4
 
 
-def _split_k(tiles: int, K: int, block_k: int, device: torch.device) -> int:
-    """K-splits for the dot kernel: double while there are fewer than 4 programs per
-    multiprocessor and each split keeps at least 4 K-tiles."""
-    target = 4 * _multiprocessors(device)
+@functools.lru_cache(maxsize=None)
+def _split_k(tiles: int, K: int, block_k: int, block_m: int, device: torch.device) -> int:
+    """K-splits for the dot kernel: double while there are fewer programs than the target and each
+    split keeps at least 4 K-tiles. Target (H100 sweep): 4 programs per multiprocessor for
+    ``block_m <= 32``, 1.5 for the heavier ``block_m >= 64`` programs."""
+    sms = _multiprocessors(device)
+    target = 4 * sms if block_m <= 32 else 3 * sms // 2
     split = 1
     while tiles * split < target and K % (2 * split * block_k) == 0 and K // (2 * split) >= 4 * block_k:
         split *= 2
@@ -448,7 +466,7 @@ def gemm_4bit_fused(
     elif path == "dot":
         cfg = config or _dot_config(M, N, K)
         tiles = _cdiv(N, cfg.block_n) * _cdiv(M, cfg.block_m)
-        split_k = cfg.split_k or _split_k(tiles, K, cfg.block_k, A.device)
+        split_k = cfg.split_k or _split_k(tiles, K, cfg.block_k, cfg.block_m, A.device)
         if split_k > 1:
             workspace = torch.empty((split_k, M, N), dtype=torch.float32, device=A.device)
             counters = _counters(tiles, A.device)
@@ -456,7 +474,8 @@ def gemm_4bit_fused(
             workspace = counters = dummy
         _gemm_4bit_dot_kernel[(tiles * split_k,)](
             A, *args, workspace, counters, M, N, K, A.stride(0), out.stride(0), **common,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, USE_SHFL=use_shfl,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, ACT_LEFT=cfg.act_left,
+            USE_SHFL=use_shfl,
             DOT_PRECISION=_dot_precision(A.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif path == "generic":
