@@ -14,15 +14,15 @@ import os
 import textwrap
 from html.parser import HTMLParser
 
-import expecttest
 import pytest
 import torch
 
-import inductor_quant  # noqa: F401
+from inductor_quant import inspect_cli
 from inductor_quant.inspect import InspectionReport, inspect
 from inductor_quant.inspect.examples import shared_weight_mlp, two_layer_mlp, widened_weight_mlp
 from inductor_quant.inspect.html import render_html
-from inductor_quant import inspect_cli
+
+expecttest = pytest.importorskip("expecttest")
 
 EXPECT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "expect")
 

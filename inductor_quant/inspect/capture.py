@@ -473,9 +473,10 @@ def _kernels(raw: _RawGraph, notes: list[str]) -> list[Kernel]:
         if name not in named:
             kernels.append(Kernel(name, kind, [], [], None, code, []))
     _assign_bytes(kernels, raw.fused)
-    # An extern kernel computes exactly its origin node; a generated kernel may still list that
-    # node among its origins when it only realizes the extern call's inputs. Drop those.
-    by_extern = {node for kernel in kernels if not kernel.is_generated for node in kernel.nodes}
+    # An extern kernel with a single node computes exactly that node (its ``origin_node``); a
+    # generated kernel may still list it among its origins when it only realizes the call's
+    # inputs. Drop those.
+    by_extern = {kernel.nodes[0] for kernel in kernels if not kernel.is_generated and len(kernel.nodes) == 1}
     for kernel in kernels:
         if kernel.is_generated:
             kernel.nodes = [node for node in kernel.nodes if node not in by_extern]
