@@ -238,3 +238,15 @@ def test_cli_bad_targets(tmp_path, capsys):
     assert "must return (fn_or_module, example_inputs)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="FILE.py:FUNCTION"):
         inspect_cli.load_target("no_colon")
+
+
+def test_bad_arguments():
+    model, inputs = two_layer_mlp()
+    with pytest.raises(TypeError, match="fn_or_module must be a function or nn.Module"):
+        inspect(3, *inputs)
+    with pytest.raises(TypeError, match=r"extra_inputs\[0\] must be a tuple"):
+        inspect(model, *inputs, extra_inputs=[inputs[0]])
+    with pytest.raises(ValueError, match="backend must be 'inductor'"):
+        inspect(model, *inputs, backend="eager")
+    with pytest.raises(ValueError, match="hook must be one of"):
+        inspect(model, *inputs, hook="joint_custom_pre_pass")

@@ -6,16 +6,15 @@ graph before and after the inductor_quant passes, each pattern's matches, every 
 with the quantized ops it contains and the bytes it moves, and each quantized op that did not
 fuse with the reason. ``report.to_text()``, ``report.to_json()`` and
 ``inductor_quant.inspect.html.render_html(report)`` render it.
+
+Importing this package is cheap (the report classes only); Inductor is imported by ``inspect()``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..lowerings import register_lowerings
-from ..patterns.pass_manager import QuantPassConfig, QuantPassManager
-from .capture import capture
 from .report import (
     CompiledGraph,
     GraphBreak,
@@ -30,6 +29,9 @@ from .report import (
     SourceLine,
     render_text,
 )
+
+if TYPE_CHECKING:
+    from ..patterns.pass_manager import QuantPassConfig
 
 __all__ = [
     "inspect",
@@ -76,6 +78,11 @@ def inspect(
     FX graph cache off so every pass runs. Backward graphs appear only if the program itself
     runs a backward.
     """
+    # Inductor is imported here, not at package import (it takes seconds).
+    from ..lowerings import register_lowerings
+    from ..patterns.pass_manager import QuantPassConfig, QuantPassManager
+    from .capture import capture
+
     if not callable(fn_or_module):
         raise TypeError(f"fn_or_module must be a function or nn.Module, got {type(fn_or_module).__name__}")
     for i, more in enumerate(extra_inputs):
