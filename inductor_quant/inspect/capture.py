@@ -637,7 +637,7 @@ def _quant_status(raw: _RawGraph, kernels: list[Kernel], disabled: dict[str, str
 
 
 def _matches(raw: _RawGraph) -> list[PatternMatch]:
-    """Rewrites per pattern, with the user line of each matched op."""
+    """Rewrites per pattern, with the user lines of the matched ops (each line once)."""
     matches: dict[str, PatternMatch] = {}
     for decision in raw.decisions:
         if decision.action != "rewritten":
@@ -646,7 +646,7 @@ def _matches(raw: _RawGraph) -> list[PatternMatch]:
         match.count += 1
         match.nodes.append(decision.node)
         node = raw.before.node(decision.node)
-        if node is not None and node.source is not None:
+        if node is not None and node.source is not None and node.source not in match.sources:
             match.sources.append(node.source)
     return sorted(matches.values(), key=lambda m: m.pattern)
 
