@@ -787,3 +787,42 @@ def test_optimizers_empty_parameters():
             dynamic_map(signed=False) if two else None, torch.empty(0), torch.empty(0) if two else None, 0.0, 1.0, False,
         )
         assert p.shape == (0,)
+
+
+def test_absmax_and_states_of_any_shape_with_the_right_numel():
+    # The checks accept any shape with one absmax per block / one state per element (as
+    # bitsandbytes' do); the values must not depend on that shape.
+    A = torch.randn(256)
+    code = dynamic_map()
+    q, absmax = ops.quantize_blockwise(A, code, 64)
+    expected = ops.dequantize_blockwise(q, absmax, code, 64, torch.float32)
+    assert torch.equal(ops.dequantize_blockwise(q, absmax.view(-1, 1), code, 64, torch.float32), expected)
+    packed, absmax = ops.quantize_4bit(A.view(8, 32), 64, "nf4", torch.uint8)
+    expected = ops.dequantize_4bit(packed, absmax, 64, "nf4", [8, 32], torch.float32)
+    assert torch.equal(ops.dequantize_4bit(packed, absmax.view(2, 2), 64, "nf4", [8, 32], torch.float32), expected)
+    x = torch.randn(3, 32)
+    assert torch.equal(ops.gemm_4bit(x, packed, [8, 32], absmax.view(4, 1), 64, "nf4"), ops.gemm_4bit(x, packed, [8, 32], absmax, 64, "nf4"))
+
+    p, g = torch.randn(3, 100), torch.randn(3, 100) * 0.1
+    s1, s2 = torch.randn(3, 100) * 0.01, torch.rand(3, 100) * 1e-3
+    results = []
+    for shape in ((3, 100), (300,)):
+        P, S1, S2 = p.clone(), s1.clone().reshape(shape), s2.clone().reshape(shape)
+        _update32("adam", g.reshape(shape), P, S1, S2, step=2, weight_decay=0.01, skip_zeros=True)
+        assert S1.shape == shape
+        results.append((P, S1.reshape(3, 100), S2.reshape(3, 100)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+    qmap = dynamic_map()
+    results = []
+    for shape, absmax_shape in (((3, 100), (2,)), ((300,), (2, 1))):
+        P = p.clone()
+        S1, A1 = ops.quantize_blockwise(s1.reshape(shape), qmap, 256)
+        A1 = A1.reshape(absmax_shape)
+        ops.optimizer_update_8bit_blockwise("momentum", g, P, S1, None, 0.9, 0.0, 0.0, 0.0, 1e-8, 2, 1e-2, qmap, None,
+                                            A1, None, 0.0, 1.0, False)
+        assert S1.shape == shape and A1.shape == absmax_shape
+        results.append((P, S1.reshape(-1), A1.reshape(-1)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -105,14 +105,17 @@ def _optimizer_update_32bit_fake(optimizer_name, g, p, state1, state2, unorm_vec
 @register_kernel(OPTIMIZER_UPDATE_32BIT, "cpu")
 def _optimizer_update_32bit_cpu(optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale, skip_zeros=False):
     check_optimizer_update_32bit(optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, step)
+    # the checks accept any shapes with the right numel: compute in p's shape, write back in theirs
     result = reference.update_32bit(
-        optimizer_name, g.view(p.shape), p, state1, state2, unorm_vec, max_unorm, param_norm,
+        optimizer_name, g.reshape(p.shape), p,
+        state1.reshape(-1, *p.shape) if optimizer_name == "ademamix" else state1.reshape(p.shape),
+        None if state2 is None else state2.reshape(p.shape), unorm_vec, max_unorm, param_norm,
         beta1, beta2, beta3, alpha, eps, weight_decay, step, lr, gnorm_scale, skip_zeros,
     )
     p.copy_(result.p)
-    state1.copy_(result.state1)
+    state1.copy_(result.state1.reshape(state1.shape))
     if state2 is not None and result.state2 is not None:
-        state2.copy_(result.state2)
+        state2.copy_(result.state2.reshape(state2.shape))
     if unorm_vec is not None and result.unorm is not None:
         unorm_vec.copy_(result.unorm)
 
@@ -126,13 +129,13 @@ def _optimizer_update_8bit_blockwise_fake(optimizer_name, g, p, state1, state2, 
 def _optimizer_update_8bit_blockwise_cpu(optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2, absmax1, absmax2, weight_decay, gnorm_scale, skip_zeros=False):
     check_optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, step, qmap1, qmap2, absmax1, absmax2)
     result = reference.update_8bit_blockwise(
-        optimizer_name, g, p, state1.view(-1, *p.shape) if optimizer_name == "ademamix" else state1.view(p.shape),
-        None if state2 is None else state2.view(p.shape), beta1, beta2, beta3, alpha, eps, step, lr,
+        optimizer_name, g, p, state1.reshape(-1, *p.shape) if optimizer_name == "ademamix" else state1.reshape(p.shape),
+        None if state2 is None else state2.reshape(p.shape), beta1, beta2, beta3, alpha, eps, step, lr,
         qmap1, qmap2, absmax1, absmax2, weight_decay, gnorm_scale, skip_zeros,
     )
     p.copy_(result.p)
-    state1.copy_(result.state1.view(state1.shape))
+    state1.copy_(result.state1.reshape(state1.shape))
     absmax1.copy_(result.absmax1)
     if state2 is not None and result.state2 is not None:
-        state2.copy_(result.state2.view(state2.shape))
+        state2.copy_(result.state2.reshape(state2.shape))
         absmax2.copy_(result.absmax2)

@@ -52,7 +52,7 @@ def normalize_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -
     """``float32(x) * (1 / absmax)`` per block, with NaN results replaced by 0.0 (module doc)."""
     n = flat.numel()
     blocks = _as_blocks(flat.float(), blocksize)
-    inv = torch.reciprocal(absmax.float()).unsqueeze(1)
+    inv = torch.reciprocal(absmax.float()).reshape(-1, 1)
     normalized = (blocks * inv).reshape(-1)[:n]
     return torch.where(torch.isnan(normalized), 0.0, normalized)
 
@@ -67,10 +67,11 @@ def nearest_code(normalized: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 def dequantize_codes(
     indices: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``dtype(code[q] * absmax[i // blocksize])`` for a flat tensor of code indices."""
+    """``dtype(code[q] * absmax[i // blocksize])`` for a flat tensor of code indices (``absmax``
+    of any shape holding one value per block, in block order)."""
     n = indices.numel()
     values = _as_blocks(code.float()[indices.long()], blocksize)
-    return (values * absmax.float().unsqueeze(1)).reshape(-1)[:n].to(dtype)
+    return (values * absmax.float().reshape(-1, 1)).reshape(-1)[:n].to(dtype)
 
 
 def quantize_blockwise(
