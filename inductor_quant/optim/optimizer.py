@@ -19,8 +19,11 @@ State per parameter (bitsandbytes' keys, so checkpoints move between the librari
 (they replace bitsandbytes' ``GlobalOptimManager`` overrides: put the parameters that should keep
 32-bit states in their own group).
 
-The eager step calls ``torch.ops.inductor_quant.optimizer_update_{32bit,8bit_blockwise}`` per
-parameter. When ``step()`` runs under ``torch.compile`` it calls the functional update of
+The eager step updates contiguous CUDA parameters with the multi-tensor Triton launcher of
+``inductor_quant.kernels.optim`` (one launch per state width, dtype and step count) and every
+other parameter with ``torch.ops.inductor_quant.optimizer_update_{32bit,8bit_blockwise}`` (the
+CPU path, and LAMB/LARS, whose update norm needs a per-tensor launch). When ``step()`` runs
+under ``torch.compile`` it calls the functional update of
 ``inductor_quant.ops.optim_functional`` instead, which takes ``lr`` and ``step`` as tensors: with
 ``lr=torch.tensor(...)`` an LR scheduler changes the learning rate without a recompile.
 """
