@@ -7,24 +7,28 @@ the lower entry (= the number of fp32 midpoints strictly below ``xn``), and dequ
 fp32 multiply ``code[q] * absmax`` rounded once to the output dtype.
 
 Nearest-code search. The map is an input (any sorted 256-entry table), so nothing about it is
-hard-coded; each program derives two small tables from it once, in registers:
+hard-coded; a one-program launch derives two small tables from it into global memory (6-10 KB,
+read by every program of the quantize launch through L1):
 
 * ``mid``: the 255 fp32 midpoints ``(code[i] + code[i + 1]) * 0.5``, padded with ``+inf``;
 * ``first``: a bucket table. A value's bucket is its fp32 bit pattern made order-preserving
-  (``bits ^ ((bits >> 31) & 0x7FFFFFFF)``), shifted right by ``KEY_SHIFT`` and clamped to
-  ``[0, BUCKETS)``: a monotone function of the value, ``2**(23 - KEY_SHIFT)`` buckets per octave.
-  ``first[b]`` is the number of midpoints whose bucket is below ``b`` (a histogram of the midpoints'
-  buckets, exclusive-scanned).
+  (``bits ^ ((bits >> 31) & 0x7FFFFFFF)``), shifted right by ``KEY_SHIFT`` and offset to the middle
+  of ``[0, BUCKETS)``: a monotone function of the value, ``2**(23 - KEY_SHIFT)`` buckets per octave.
+  ``first[b]`` (uint8) is the number of midpoints whose bucket is below ``b`` (a histogram of the
+  midpoints' buckets, exclusive-scanned).
 
 Because the bucket function is monotone, a value in bucket ``b`` lies above every midpoint of a lower
 bucket and below every midpoint of a higher one, so its code is ``first[b]`` plus the number of
 midpoints *of its own bucket* below it: ``first[b] + sum_j (xn > mid[first[b] + j])`` for ``j`` up to
 the fullest bucket's count (``PROBES`` unrolled steps, then a run-time loop for any remainder). The
-probes are independent lookups, not a dependent chain: for the dynamic map and ``KEY_SHIFT=19`` the
-fullest bucket holds 3 midpoints (5 for the unsigned map), so an element costs 1 + 3 table lookups
-instead of the 8 dependent lookups of a binary search. ``SEARCH="bsearch"`` keeps that binary search
-(for comparison in the benchmark). Lookups use ``tl.gather`` on register tables, which Triton serves
-from shared memory.
+probes are independent lookups, not a dependent chain: for the dynamic map the fullest bucket holds
+2 midpoints with ``KEY_SHIFT=18`` (3 for the unsigned map; 3 and 5 with ``KEY_SHIFT=19``), so an
+element costs 1 + 2 table lookups instead of the 8 dependent lookups of a binary search
+(``SEARCH="bsearch"``, kept for comparison in the benchmark).
+
+Blocks whose absmax is zero, non-finite or subnormal (reciprocal 0, NaN or Inf) are the only ones
+where ``xn`` can be NaN or infinite; tiles without such a block skip the NaN fix and the bucket
+clamp (see :func:`normalize_blocks_split`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ import triton.language as tl
 
 __all__ = [
     "block_absmax",
-    "normalize_blocks",
+    "normalize_blocks_split",
+    "load_tile",
+    "store_tile",
     "quantize_blockwise",
     "dequantize_blockwise",
     "QuantizeBlockwiseConfig",
@@ -64,16 +70,9 @@ def block_absmax(x):
 
 
 @triton.jit
-def normalize_blocks(x, absmax):
-    """``x * div_rn(1, absmax)`` per row, with NaN results taken as 0.0 (reference rule)."""
-    inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax)
-    xn = x * inv[:, None]
-    return tl.where(xn != xn, 0.0, xn)
-
-
-@triton.jit
 def normalize_blocks_split(x, absmax):
-    """``normalize_blocks`` split into a fast common case: returns ``(xn, special)``.
+    """``x * div_rn(1, absmax)`` per row with NaN results taken as 0.0 (the reference rule),
+    split into a fast common case: returns ``(xn, special)``.
 
     When every row of the tile has a finite, non-zero reciprocal (``special == 0``), no ``xn`` can
     be NaN and ``|xn| <= 1 + 2**-22``, so the per-element NaN fix (and any clamping of ``xn``) is
@@ -104,7 +103,7 @@ def _bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(x_ptr, start, remaining, offs, TILE: tl.constexpr):
+def load_tile(x_ptr, start, remaining, offs, TILE: tl.constexpr):
     """Load ``TILE`` elements from ``x_ptr + start``; unmasked (vectorizable) for a full tile."""
     if remaining == TILE:
         x = tl.load(x_ptr + start + offs)
@@ -114,7 +113,7 @@ def _load_tile(x_ptr, start, remaining, offs, TILE: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(ptr, start, remaining, offs, value, TILE: tl.constexpr):
+def store_tile(ptr, start, remaining, offs, value, TILE: tl.constexpr):
     """Store ``TILE`` elements at ``ptr + start``; unmasked (vectorizable) for a full tile."""
     if remaining == TILE:
         tl.store(ptr + start + offs, value)
@@ -172,7 +171,7 @@ def _quantize_blockwise_kernel(
     remaining = tl.minimum(n - start, TILE).to(tl.int32)
     offs = tl.arange(0, TILE)
     rows = tl.arange(0, ROWS)
-    x = tl.reshape(_load_tile(x_ptr, start, remaining, offs, TILE).to(tl.float32), [ROWS, BLOCKSIZE])
+    x = tl.reshape(load_tile(x_ptr, start, remaining, offs, TILE).to(tl.float32), [ROWS, BLOCKSIZE])
     absmax = block_absmax(x)
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     xn, special = normalize_blocks_split(x, absmax)
@@ -200,7 +199,7 @@ def _quantize_blockwise_kernel(
         q = tl.zeros([TILE], tl.int32)
         for level in tl.static_range(8):
             q += tl.where(xn > tl.load(mid_ptr + q + ((128 >> level) - 1)), 128 >> level, 0)
-    _store_tile(q_ptr, start, remaining, offs, q.to(tl.uint8), TILE)
+    store_tile(q_ptr, start, remaining, offs, q.to(tl.uint8), TILE)
 
 
 @triton.jit
@@ -220,7 +219,7 @@ def _dequantize_blockwise_kernel(
     remaining = tl.minimum(n - start, TILE).to(tl.int32)
     offs = tl.arange(0, TILE)
     rows = tl.arange(0, ROWS)
-    q = _load_tile(q_ptr, start, remaining, offs, TILE).to(tl.int32)
+    q = load_tile(q_ptr, start, remaining, offs, TILE).to(tl.int32)
     if SMEM_LUT:
         table = tl.load(code_ptr + tl.arange(0, CODE_ENTRIES))
         values = tl.gather(table, q, 0)
@@ -228,7 +227,7 @@ def _dequantize_blockwise_kernel(
         values = tl.load(code_ptr + q)
     absmax = tl.load(absmax_ptr + tile * ROWS + rows, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     out = tl.reshape(tl.reshape(values, [ROWS, BLOCKSIZE]) * absmax[:, None], [TILE])
-    _store_tile(out_ptr, start, remaining, offs, out.to(out_ptr.dtype.element_ty), TILE)
+    store_tile(out_ptr, start, remaining, offs, out.to(out_ptr.dtype.element_ty), TILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,12 +245,12 @@ class QuantizeBlockwiseConfig:
 
     def __init__(
         self,
-        tile: int = 4096,
-        num_warps: int = 8,
+        tile: int = 2048,
+        num_warps: int = 4,
         search: str = "bucket",
-        key_shift: int = 19,
-        buckets: int = 4096,
-        probes: int = 3,
+        key_shift: int = 18,
+        buckets: int = 8192,
+        probes: int = 2,
     ) -> None:
         if search not in ("bucket", "bsearch"):
             raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")

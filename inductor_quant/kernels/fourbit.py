@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..code_tables import FP4_RANK_TO_CODE, FP4_THRESHOLDS, code_midpoints, get_4bit_code
-from .blockwise import _load_tile, _store_tile, block_absmax, device_guard, normalize_blocks_split
+from .blockwise import block_absmax, device_guard, load_tile, normalize_blocks_split, store_tile
 
 __all__ = [
     "BUCKETS",
@@ -113,7 +113,7 @@ def _quantize_4bit_kernel(
     remaining = tl.minimum(n - start, TILE).to(tl.int32)
     rows = tl.arange(0, ROWS)
     offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    x = _load_tile(x_ptr, start, remaining, offs, TILE).to(tl.float32)
+    x = load_tile(x_ptr, start, remaining, offs, TILE).to(tl.float32)
     absmax = block_absmax(x)
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     xn, special = normalize_blocks_split(x, absmax)
@@ -132,7 +132,7 @@ def _quantize_4bit_kernel(
     hi, lo = tl.split(tl.reshape(q, [ROWS, HALF, 2]))
     packed = ((hi << 4) | lo).to(tl.uint8)
     byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    _store_tile(packed_ptr, tile * (TILE // 2), (remaining + 1) // 2, byte_offs, packed, TILE // 2)
+    store_tile(packed_ptr, tile * (TILE // 2), (remaining + 1) // 2, byte_offs, packed, TILE // 2)
 
 
 @triton.jit
@@ -150,7 +150,7 @@ def _dequantize_4bit_kernel(
     tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
     remaining = tl.minimum(n - tile * (2 * TILE_BYTES), 2 * TILE_BYTES).to(tl.int32)
     byte_offs = tl.arange(0, TILE_BYTES)
-    packed = _load_tile(packed_ptr, tile * TILE_BYTES, (remaining + 1) // 2, byte_offs, TILE_BYTES).to(tl.int32)
+    packed = load_tile(packed_ptr, tile * TILE_BYTES, (remaining + 1) // 2, byte_offs, TILE_BYTES).to(tl.int32)
     ROWS: tl.constexpr = TILE_BYTES // HALF
     rows = tl.arange(0, ROWS)
     absmax = tl.load(
@@ -166,7 +166,7 @@ def _dequantize_4bit_kernel(
         lo = tl.load(code_ptr + (packed & 15))
     out = tl.interleave(hi * absmax, lo * absmax).to(out_ptr.dtype.element_ty)
     offs = tl.arange(0, 2 * TILE_BYTES)
-    _store_tile(out_ptr, tile * (2 * TILE_BYTES), remaining, offs, out, 2 * TILE_BYTES)
+    store_tile(out_ptr, tile * (2 * TILE_BYTES), remaining, offs, out, 2 * TILE_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def _dequantize_4bit_kernel(
 class Quantize4bitConfig:
     """Launch parameters of the 4-bit quantize kernel: input elements per program, warps."""
 
-    def __init__(self, tile: int = 4096, num_warps: int = 8) -> None:
+    def __init__(self, tile: int = 4096, num_warps: int = 4) -> None:
         self.tile = tile
         self.num_warps = num_warps
 
@@ -189,7 +189,7 @@ class Dequantize4bitConfig:
     """Launch parameters of the 4-bit dequantize kernel: output elements per program, warps, and
     whether the 16-entry code lookup goes through shared memory (``tl.gather``) or L1."""
 
-    def __init__(self, tile: int = 8192, num_warps: int = 4, smem_lut: bool = False) -> None:
+    def __init__(self, tile: int = 16384, num_warps: int = 8, smem_lut: bool = False) -> None:
         self.tile = tile
         self.num_warps = num_warps
         self.smem_lut = smem_lut
