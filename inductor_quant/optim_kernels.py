@@ -20,7 +20,7 @@ from itertools import repeat
 import torch
 
 from .kernels import optim as kernels
-from .ops._checks import FLOAT_DTYPES, check_code_table, num_blocks
+from .ops._checks import FLOAT_DTYPES, check_code_table
 from .reference.optim import OPTIMIZER_8BIT_BLOCKSIZE, OPTIMIZERS_8BIT, OPTIMIZERS_32BIT, TWO_STATE_OPTIMIZERS
 
 __all__ = ["multi_tensor_update_8bit_blockwise", "multi_tensor_update_32bit"]
@@ -45,17 +45,6 @@ def _steps(step: int | Sequence[int], count: int) -> list[int]:
         if not isinstance(s, int) or s < 1:
             raise ValueError(f"step must be an int >= 1 (or one per parameter), got {s!r} at index {i}")
     return steps
-
-
-def _fits(t: torch.Tensor, dtype: torch.dtype, numel: int, device: torch.device) -> bool:
-    return t.dtype == dtype and t.numel() == numel and t.device == device and t.is_contiguous()
-
-
-def _groups(indices: list[int], params: list[torch.Tensor], steps: list[int]) -> dict[tuple, list[int]]:
-    groups: dict[tuple, list[int]] = {}
-    for i in indices:
-        groups.setdefault((params[i].device, params[i].dtype, steps[i]), []).append(i)
-    return groups
 
 
 def multi_tensor_update_8bit_blockwise(
@@ -116,40 +105,47 @@ def multi_tensor_update_8bit_blockwise(
         op(optimizer_name, grads[i], params[i], states1[i], states2[i], beta1, beta2, beta3, alpha, eps, steps[i], lr,
            qmap1, qmap2, absmax1s[i], absmax2s[i], weight_decay, gnorm_scale, skip_zeros)
 
-    launchable = []
-    if params[0].device.type in TRITON_DEVICES and optimizer_name in OPTIMIZERS_8BIT:
-        check_code_table(qmap1, "qmap1", 256)
-        if two_state:
-            check_code_table(qmap2, "qmap2", 256)
-        stacked = 2 if optimizer_name == "ademamix" else 1
-        for i, p in enumerate(params):
-            n, device = p.numel(), p.device
-            blocks = num_blocks(n, OPTIMIZER_8BIT_BLOCKSIZE)
-            ok = (
-                p.dtype in FLOAT_DTYPES and p.is_contiguous() and _fits(grads[i], p.dtype, n, device)
-                and _fits(states1[i], torch.uint8, stacked * n, device)
-                and _fits(absmax1s[i], torch.float32, stacked * blocks, device)
-                and (stacked == 1 or (absmax1s[i].dim() == 2 and absmax1s[i].shape[0] == 2))
-                and qmap1.device == device and qmap1.is_contiguous()
-            )
-            if ok and two_state:
-                ok = (
-                    _fits(states2[i], torch.uint8, n, device) and _fits(absmax2s[i], torch.float32, blocks, device)
-                    and qmap2.device == device and qmap2.is_contiguous()
-                )
-            if ok:
-                launchable.append(i)
-            else:
-                one(i)
-    else:
+    if params[0].device.type not in TRITON_DEVICES or optimizer_name not in OPTIMIZERS_8BIT:
         for i in range(count):
             one(i)
-    for (_, _, group_step), members in _groups(launchable, params, steps).items():
-        pick = lambda seq: [seq[i] for i in members]  # noqa: E731
-        kernels.multi_update_8bit_blockwise(
-            optimizer_name, pick(grads), pick(params), pick(states1), pick(states2) if two_state else None,
-            pick(absmax1s), pick(absmax2s) if two_state else None, qmap1, qmap2 if two_state else None,
-            beta1, beta2, beta3, alpha, eps, group_step, lr, weight_decay, gnorm_scale, skip_zeros,
+        return
+    check_code_table(qmap1, "qmap1", 256)
+    if two_state:
+        check_code_table(qmap2, "qmap2", 256)
+    stacked = 2 if optimizer_name == "ademamix" else 1
+    maps_ok = qmap1.is_contiguous() and (not two_state or qmap2.is_contiguous())
+    groups: dict[tuple, list[tuple[int, ...]]] = {}
+    for i, p in enumerate(params):
+        # Plain metadata comparisons in one pass (the op's checks cost far more per tensor).
+        g, s1, a1, s2, a2 = grads[i], states1[i], absmax1s[i], states2[i], absmax2s[i]
+        n, device, dtype = p.numel(), p.device, p.dtype
+        blocks = (n + OPTIMIZER_8BIT_BLOCKSIZE - 1) // OPTIMIZER_8BIT_BLOCKSIZE
+        ok = (
+            maps_ok and dtype in FLOAT_DTYPES and g.dtype == dtype and g.numel() == n
+            and s1.dtype == torch.uint8 and s1.numel() == stacked * n
+            and a1.dtype == torch.float32 and a1.numel() == stacked * blocks
+            and (stacked == 1 or (a1.dim() == 2 and a1.shape[0] == 2))
+            and p.is_contiguous() and g.is_contiguous() and s1.is_contiguous() and a1.is_contiguous()
+            and g.device == device and s1.device == device and a1.device == device and qmap1.device == device
+        )
+        if ok and two_state:
+            ok = (
+                s2.dtype == torch.uint8 and s2.numel() == n and a2.dtype == torch.float32 and a2.numel() == blocks
+                and s2.is_contiguous() and a2.is_contiguous()
+                and s2.device == device and a2.device == device and qmap2.device == device
+            )
+        if not ok:
+            one(i)
+        elif n:
+            s1_ptr, a1_ptr = s1.data_ptr(), a1.data_ptr()
+            s1b, a1b = (s1_ptr + n, a1_ptr + 4 * blocks) if stacked == 2 else (s1_ptr, a1_ptr)
+            s2_ptr, a2_ptr = (s2.data_ptr(), a2.data_ptr()) if two_state else (s1_ptr, a1_ptr)
+            row = (g.data_ptr(), p.data_ptr(), s1_ptr, s1b, s2_ptr, a1_ptr, a1b, a2_ptr, n)
+            groups.setdefault((device, dtype, steps[i]), []).append(row)
+    for (device, dtype, group_step), rows in groups.items():
+        kernels.launch_multi_8bit(
+            optimizer_name, rows, dtype, device, qmap1, qmap2 if two_state else None, beta1, beta2, beta3, alpha,
+            eps, group_step, lr, weight_decay, gnorm_scale, skip_zeros,
         )
 
 
@@ -215,26 +211,32 @@ def multi_tensor_update_32bit(
            float(param_norms[i] or 0.0), beta1, beta2, beta3, alpha, eps, weight_decay, steps[i], lr, gnorm_scale,
            skip_zeros)
 
-    launchable = []
-    if params[0].device.type in TRITON_DEVICES and optimizer_name in OPTIMIZERS_32BIT and not uses_norm:
-        stacked = 2 if optimizer_name == "ademamix" else 1
-        for i, p in enumerate(params):
-            n, device = p.numel(), p.device
-            ok = (
-                p.dtype in FLOAT_DTYPES and p.is_contiguous() and _fits(grads[i], p.dtype, n, device)
-                and _fits(states1[i], torch.float32, stacked * n, device)
-                and (not two_state or _fits(states2[i], torch.float32, n, device))
-            )
-            if ok:
-                launchable.append(i)
-            else:
-                one(i)
-    else:
+    if params[0].device.type not in TRITON_DEVICES or optimizer_name not in OPTIMIZERS_32BIT or uses_norm:
         for i in range(count):
             one(i)
-    for (_, _, group_step), members in _groups(launchable, params, steps).items():
-        pick = lambda seq: [seq[i] for i in members]  # noqa: E731
-        kernels.multi_update_32bit(
-            optimizer_name, pick(grads), pick(params), pick(states1), pick(states2) if two_state else None,
-            beta1, beta2, beta3, alpha, eps, group_step, lr, weight_decay, gnorm_scale, skip_zeros,
+        return
+    stacked = 2 if optimizer_name == "ademamix" else 1
+    groups: dict[tuple, list[tuple[int, ...]]] = {}
+    for i, p in enumerate(params):
+        g, s1, s2 = grads[i], states1[i], states2[i]
+        n, device, dtype = p.numel(), p.device, p.dtype
+        ok = (
+            dtype in FLOAT_DTYPES and g.dtype == dtype and g.numel() == n
+            and s1.dtype == torch.float32 and s1.numel() == stacked * n
+            and p.is_contiguous() and g.is_contiguous() and s1.is_contiguous()
+            and g.device == device and s1.device == device
+        )
+        if ok and two_state:
+            ok = s2.dtype == torch.float32 and s2.numel() == n and s2.is_contiguous() and s2.device == device
+        if not ok:
+            one(i)
+        elif n:
+            s1_ptr = s1.data_ptr()
+            row = (g.data_ptr(), p.data_ptr(), s1_ptr, s1_ptr + 4 * n if stacked == 2 else s1_ptr,
+                   s2.data_ptr() if two_state else s1_ptr, 0, 0, 0, n)
+            groups.setdefault((device, dtype, steps[i]), []).append(row)
+    for (device, dtype, group_step), rows in groups.items():
+        kernels.launch_multi_32bit(
+            optimizer_name, rows, dtype, device, beta1, beta2, beta3, alpha, eps, group_step, lr, weight_decay,
+            gnorm_scale, skip_zeros,
         )

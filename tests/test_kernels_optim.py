@@ -427,13 +427,17 @@ def api_8bit(name: str, group: list[dict], h: dict, step) -> None:
     )
 
 
-def test_multi_tensor_api_equals_ops():
-    """The public entry point (a launch on GPU, an op loop on CPU) equals per-tensor op calls,
-    with per-tensor steps and one non-contiguous parameter."""
+@pytest.mark.parametrize("launch", [False, True], ids=["device default", "launch path"])
+def test_multi_tensor_api_equals_ops(launch, monkeypatch):
+    """The public entry point equals per-tensor op calls, with per-tensor steps, two parameter
+    dtypes and one non-contiguous parameter (which goes through the op). "launch path" makes the
+    entry point take its one-launch path on whatever device the test runs (the interpreter on CPU)."""
+    if launch:
+        monkeypatch.setattr(optim_kernels, "TRITON_DEVICES", (torch.device(DEVICE).type,))
     gen = torch.Generator().manual_seed(11)
-    cases = multi_case_8bit("adam", gen, torch.float32)[:5]
+    cases = [make_8bit("adam", n, torch.bfloat16 if i == 1 else torch.float32, gen) for i, n in enumerate(SIZES[:6])]
     h = hyper("adam", gen)
-    steps = [3, 3, 4, 3, 4]
+    steps = [3, 3, 4, 3, 4, 3]
     keys = ("g", "p", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
     group, single = on_device(cases, keys), on_device(cases, keys)
     strided = torch.empty(2 * cases[3]["p"].numel(), device=DEVICE)[::2]  # non-contiguous: goes through the op
@@ -443,9 +447,28 @@ def test_multi_tensor_api_equals_ops():
     for c, step in zip(single, steps):
         op("adam", c["g"], c["p"], c["state1"], c["state2"], h["beta1"], h["beta2"], h["beta3"], h["alpha"], h["eps"],
            step, h["lr"], c["qmap1"], c["qmap2"], c["absmax1"], c["absmax2"], h["weight_decay"], h["gnorm_scale"])
-    for m, s in zip(group, single):
-        for k in ("p", "state1", "state2", "absmax1", "absmax2"):
-            assert torch.equal(m[k], s[k]), k
+    for m, s, c in zip(group, single, cases):
+        assert_param(m["p"].cpu(), s["p"].cpu(), c["p"])
+        for k in ("state1", "state2"):
+            assert_codes(m[k].cpu(), s[k].cpu())
+        for k in ("absmax1", "absmax2"):
+            torch.testing.assert_close(m[k].cpu(), s[k].cpu(), rtol=1e-6, atol=0)
+
+
+def test_multi_tensor_api_32bit_launch_path(monkeypatch):
+    monkeypatch.setattr(optim_kernels, "TRITON_DEVICES", (torch.device(DEVICE).type,))
+    gen = torch.Generator().manual_seed(19)
+    cases = [make_32bit("ademamix", n, torch.float16 if i % 2 else torch.float32, gen) for i, n in enumerate(SIZES[:5])]
+    h = hyper("ademamix", gen)
+    group = on_device(cases, ("g", "p", "state1", "state2", "unorm_vec"))
+    pick = lambda k: [c[k] for c in group]  # noqa: E731
+    optim_kernels.multi_tensor_update_32bit(
+        "ademamix", pick("g"), pick("p"), pick("state1"), pick("state2"), beta1=h["beta1"], beta2=h["beta2"],
+        beta3=h["beta3"], alpha=h["alpha"], eps=h["eps"], step=h["step"], lr=h["lr"], weight_decay=h["weight_decay"],
+        gnorm_scale=h["gnorm_scale"],
+    )
+    for c, m in zip(cases, group):
+        assert_32bit("ademamix", c, h, 0.0, {k: m[k].cpu() for k in ("p", "state1", "state2", "unorm_vec")})
 
 
 def test_multi_tensor_api_errors():

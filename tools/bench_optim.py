@@ -221,32 +221,44 @@ def run(copy_bw: float) -> list[benchlib.Row]:
 
 
 def sweep(copy_bw: float) -> list[benchlib.Row]:
-    """Launch variants of the single-tensor kernels on 64M fp32 parameters."""
+    """Launch variants of the kernels on 64M fp32 parameters: tile, warps, register cap, table
+    lookups through registers/shared memory (gather) or L1, bucket or tree search; the
+    multi-tensor launch with and without the register cap."""
     from inductor_quant.kernels import optim as kernels
 
     rows: list[benchlib.Row] = []
+
+    def add(op: str, name: str, fn, nbytes: int) -> None:
+        fn()
+        torch.cuda.synchronize()
+        rows.append(benchlib.make_row(op, "64M fp32", name, benchlib.bench(fn), nbytes, copy_bw))
+
     s8 = State8(N)
     tables = kernels.search_tables(s8.qmap1, s8.qmap2)
     tree = kernels.SearchTables(
         torch.stack([kernels._eytzinger((q[:-1] + q[1:]).cpu() * 0.5) for q in (s8.qmap1, s8.qmap2)]).cuda(),
         tables.lut, kernels.SEARCH_TREE, 1, tables.negatives)
-    variants = []
-    for blocks, warps in ((8, 8), (4, 4), (16, 8)):
-        for gather, gather_lut in ((False, False), (True, False), (False, True), (True, True)):
-            variants.append((f"b{blocks}w{warps} g{int(gather)}{int(gather_lut)}", dict(blocks=blocks, num_warps=warps, gather=gather, gather_lut=gather_lut, tables=tables)))
-XX, dict(blocks=blocks, num_warps=warps, gather=gather, tables=tree)))
+    variants = [
+        ("b8w8 g11 r80", dict(blocks=8, num_warps=8, maxnreg=80)),
+        ("b8w8 g11", dict(blocks=8, num_warps=8, maxnreg=None)),
+        ("b4w4 g11 r80", dict(blocks=4, num_warps=4, maxnreg=80)),
+        ("b8w8 g00", dict(blocks=8, num_warps=8, gather=False, gather_lut=False, maxnreg=None)),
+        ("tree b8w8 g1", dict(blocks=8, num_warps=8, tables=tree, maxnreg=None)),
+    ]
     for name, options in variants:
-        fn = lambda: kernels.update_8bit_blockwise(*s8.args(), **options)  # noqa: E731
-        fn()
-        torch.cuda.synchronize()
-        rows.append(benchlib.make_row("sweep 8-bit adamw", "64M fp32", name, benchlib.bench(fn), s8.bytes(), copy_bw))
+        add("sweep 8-bit adamw", name, lambda: kernels.update_8bit_blockwise(*s8.args(), **options), s8.bytes())
     del s8
+    group = [State8(n) for n in _group_sizes()]
+    pick = lambda k: [getattr(s, k) for s in group]  # noqa: E731
+    rows8 = kernels.rows_8bit("adam", pick("g"), pick("p"), pick("state1"), pick("state2"), pick("absmax1"), pick("absmax2"))
+    for cap in (80, None):
+        add("sweep 8-bit group", f"launch r{cap}", lambda: kernels.launch_multi_8bit(
+            "adam", rows8, torch.float32, group[0].p.device, group[0].qmap1, group[0].qmap2, BETA1, BETA2, 0.0, 0.0,
+            EPS, 10, LR, WD, 1.0, False, maxnreg=cap), sum(s.bytes() for s in group))
+    del group
     s32 = State32(N)
-    for block, warps in ((1024, 4), (2048, 8), (2048, 4), (4096, 8), (4096, 16), (8192, 16)):
-        fn = lambda: kernels.update_32bit(*s32.args(), block=block, num_warps=warps)  # noqa: E731
-        fn()
-        torch.cuda.synchronize()
-        rows.append(benchlib.make_row("sweep 32-bit adamw", "64M fp32", f"B{block}w{warps}", benchlib.bench(fn), s32.bytes(), copy_bw))
+    for block, warps in ((2048, 8), (4096, 16)):
+        add("sweep 32-bit adamw", f"B{block}w{warps}", lambda: kernels.update_32bit(*s32.args(), block=block, num_warps=warps), s32.bytes())
     for r in sorted(rows, key=lambda r: (r.op, r.time_us)):
         print(f"  {r.op:20s} {r.impl:22s} {r.time_us:8.1f} us ({r.copy_pct:.0f} %)")
     return rows

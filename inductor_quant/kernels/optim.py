@@ -22,9 +22,9 @@ Full chunks run without masks from pointers advanced by a scalar int64 offset, s
 16-byte vectors and per-element index math is 32-bit; only a tensor's last chunk is masked.
 Offsets are int64, so tensors may exceed 2**31 elements.
 
-Multi-tensor: one launch updates a list of tensors of one parameter dtype. A per-tensor table
-(int64 data pointers and sizes) and a per-program table (tensor, chunk) are built on the host,
-cached by the tensors' pointers and sizes, and copied to the device once.
+Multi-tensor: one launch updates a list of tensors of one parameter dtype. Each program reads
+one row of a program table (int64 data pointers already advanced to its chunk, and the elements
+left), built on the host, cached by the tensors' pointers and sizes, and copied to the device once.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ __all__ = [
     "update_32bit",
     "multi_update_8bit_blockwise",
     "multi_update_32bit",
+    "rows_8bit",
+    "rows_32bit",
+    "launch_multi_8bit",
+    "launch_multi_32bit",
 ]
 
 BLOCKSIZE = 256
@@ -79,13 +83,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Launch shapes (measured on H100, tools/notes_optim.md).
 BLOCKS_8BIT = 8
 WARPS_8BIT = 8
-GATHER_8BIT = False
-GATHER_LUT_8BIT = False
+GATHER_8BIT = True
+GATHER_LUT_8BIT = True
+MAXNREG_8BIT = 80  # 3 programs of 8 warps per SM; the multi-tensor kernel would take ~100 registers
 BLOCK_32BIT = 2048
 WARPS_32BIT = 8
 
-# Per-tensor table row (int64): data pointers, then n.
-_G, _P, _S1, _S1B, _S2, _A1, _A1B, _A2, _N = range(9)
+# Multi-tensor table row (int64): data pointers, then the element count.
+_A1, _N = 5, 8
 _COLUMNS: tl.constexpr = tl.constexpr(10)
 
 
@@ -398,25 +403,38 @@ def _update_8bit_kernel(
 
 @triton.jit
 def _multi_update_8bit_kernel(
-    tensor_table_ptr, program_table_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr, negatives,
+    program_table_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr, negatives,
     first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
     P_DTYPE: tl.constexpr, OPT: tl.constexpr, HAS_WD: tl.constexpr, SKIP_ZEROS: tl.constexpr,
     EXACT_BF16: tl.constexpr, BLOCKS: tl.constexpr, SEARCH: tl.constexpr, K: tl.constexpr,
     GATHER: tl.constexpr, GATHER_LUT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """Program ``pid`` updates chunk ``program_table[pid, 1]`` of tensor ``program_table[pid, 0]``,
-    whose row of ``tensor_table`` holds its pointers and size."""
-    pid = tl.program_id(0)
-    row = tensor_table_ptr + tl.load(program_table_ptr + 2 * pid).to(tl.int64) * _COLUMNS
-    _update_8bit_chunk(
-        _pointer(row, 0, P_DTYPE, ALIGNED), _pointer(row, 1, P_DTYPE, ALIGNED),
-        _pointer(row, 2, tl.uint8, ALIGNED), _pointer(row, 3, tl.uint8, ALIGNED), _pointer(row, 4, tl.uint8, ALIGNED),
-        _pointer(row, 5, tl.float32, False), _pointer(row, 6, tl.float32, False), _pointer(row, 7, tl.float32, False),
-        qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr, negatives, tl.load(row + 8),
-        tl.load(program_table_ptr + 2 * pid + 1).to(tl.int64),
-        first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
-        OPT, HAS_WD, SKIP_ZEROS, EXACT_BF16, BLOCKS, SEARCH, K, GATHER, GATHER_LUT,
-    )
+    """Program ``pid`` updates one chunk: ``program_table[pid]`` holds its data pointers, already
+    advanced to the chunk, and the number of elements left in its tensor from there."""
+    row = program_table_ptr + tl.program_id(0).to(tl.int64) * _COLUMNS
+    g_ptr = _pointer(row, 0, P_DTYPE, ALIGNED)
+    p_ptr = _pointer(row, 1, P_DTYPE, ALIGNED)
+    s1_ptr = _pointer(row, 2, tl.uint8, ALIGNED)
+    s1b_ptr = _pointer(row, 3, tl.uint8, ALIGNED)
+    s2_ptr = _pointer(row, 4, tl.uint8, ALIGNED)
+    a1_ptr = _pointer(row, 5, tl.float32, False)
+    a1b_ptr = _pointer(row, 6, tl.float32, False)
+    a2_ptr = _pointer(row, 7, tl.float32, False)
+    remaining = tl.load(row + 8)
+    if remaining >= BLOCKS * 256:
+        _update_8bit_tile(
+            g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr,
+            negatives, BLOCKS * 256,
+            first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
+            OPT, HAS_WD, SKIP_ZEROS, EXACT_BF16, BLOCKS, SEARCH, K, GATHER, GATHER_LUT, False,
+        )
+    else:
+        _update_8bit_tile(
+            g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr,
+            negatives, remaining.to(tl.int32),
+            first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
+            OPT, HAS_WD, SKIP_ZEROS, EXACT_BF16, BLOCKS, SEARCH, K, GATHER, GATHER_LUT, True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,22 +565,31 @@ def _update_32bit_kernel(
 
 @triton.jit
 def _multi_update_32bit_kernel(
-    tensor_table_ptr, program_table_ptr,
+    program_table_ptr,
     first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
     P_DTYPE: tl.constexpr, OPT: tl.constexpr, HAS_WD: tl.constexpr, SKIP_ZEROS: tl.constexpr,
     EXACT_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """As ``_multi_update_8bit_kernel``, without the update norm."""
-    pid = tl.program_id(0)
-    row = tensor_table_ptr + tl.load(program_table_ptr + 2 * pid).to(tl.int64) * _COLUMNS
+    """As ``_multi_update_8bit_kernel`` (row: g, p, s1, s1b, s2, -, -, -, remaining), no update norm."""
+    row = program_table_ptr + tl.program_id(0).to(tl.int64) * _COLUMNS
+    g_ptr = _pointer(row, 0, P_DTYPE, ALIGNED)
+    p_ptr = _pointer(row, 1, P_DTYPE, ALIGNED)
     s1_ptr = _pointer(row, 2, tl.float32, ALIGNED)
-    _update_32bit_chunk(
-        _pointer(row, 0, P_DTYPE, ALIGNED), _pointer(row, 1, P_DTYPE, ALIGNED), s1_ptr,
-        _pointer(row, 3, tl.float32, ALIGNED), _pointer(row, 4, tl.float32, ALIGNED), s1_ptr, s1_ptr,
-        tl.load(row + 8), tl.load(program_table_ptr + 2 * pid + 1).to(tl.int64),
-        first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
-        0.0, 0.0, OPT, HAS_WD, SKIP_ZEROS, False, 0, EXACT_BF16, BLOCK,
-    )
+    s1b_ptr = _pointer(row, 3, tl.float32, ALIGNED)
+    s2_ptr = _pointer(row, 4, tl.float32, ALIGNED)
+    remaining = tl.load(row + 8)
+    if remaining >= BLOCK:
+        _update_32bit_tile(
+            g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, s1_ptr, s1_ptr, BLOCK,
+            first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
+            0.0, 0.0, OPT, HAS_WD, SKIP_ZEROS, False, 0, EXACT_BF16, BLOCK, False,
+        )
+    else:
+        _update_32bit_tile(
+            g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, s1_ptr, s1_ptr, remaining.to(tl.int32),
+            first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
+            0.0, 0.0, OPT, HAS_WD, SKIP_ZEROS, False, 0, EXACT_BF16, BLOCK, True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,7 +720,7 @@ def update_8bit_blockwise(
     qmap1: torch.Tensor, qmap2: torch.Tensor | None, absmax1: torch.Tensor, absmax2: torch.Tensor | None,
     weight_decay: float, gnorm_scale: float, skip_zeros: bool = False, *,
     blocks: int | None = None, num_warps: int | None = None, gather: bool | None = None,
-    gather_lut: bool | None = None, tables: SearchTables | None = None,
+    gather_lut: bool | None = None, tables: SearchTables | None = None, maxnreg: int | None = MAXNREG_8BIT,
 ) -> None:
     """In-place 8-bit blockwise update (one launch) of contiguous, already checked tensors.
 
@@ -715,7 +742,7 @@ def update_8bit_blockwise(
         OPT=formula, HAS_WD=weight_decay > 0, SKIP_ZEROS=skip_zeros, EXACT_BF16=_INTERPRET, BLOCKS=blocks,
         SEARCH=tables.search, K=tables.k, GATHER=GATHER_8BIT if gather is None else gather,
         GATHER_LUT=GATHER_LUT_8BIT if gather_lut is None else gather_lut,
-        num_warps=num_warps or WARPS_8BIT, enable_fp_fusion=False,
+        num_warps=num_warps or WARPS_8BIT, maxnreg=maxnreg, enable_fp_fusion=False,
     )
 
 
@@ -759,34 +786,119 @@ def update_32bit(
 
 # ---- multi-tensor -----------------------------------------------------------------------------
 
-_PLAN_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, int, bool]] = OrderedDict()
+_PLAN_CACHE: OrderedDict[tuple, tuple[torch.Tensor, bool]] = OrderedDict()
 _PLAN_CACHE_SIZE = 16
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _plan(rows: list[tuple[int, ...]], elements_per_program: int, key: tuple, device: torch.device):
-    """Device tables of one multi-tensor launch: ``(tensor_table, program_table, programs, aligned)``.
+def _program_table(rows: Sequence[tuple[int, ...]], chunk: int, steps: tuple[int, ...], device: torch.device):
+    """``(program_table, aligned)`` for one multi-tensor launch, cached by the rows.
 
-    Cached by ``key`` (pointers, sizes, dtype, launch shape): the tables are a function of the key
-    alone, so a hit is always valid, also for new tensors that reuse old memory."""
+    ``rows[t]`` = ``(g, p, s1, s1b, s2, a1, a1b, a2, n)`` (byte addresses); a tensor of ``n``
+    elements gets ``ceil(n / chunk)`` programs, whose rows hold the addresses advanced by
+    ``c * steps`` for chunk ``c`` and ``n - c * chunk`` elements left. The table is a function of
+    the key (rows, chunk, steps) alone, so a cache hit is always valid, also for new tensors that
+    reuse old memory."""
+    key = (device, chunk, steps, tuple(rows))
     plan = _PLAN_CACHE.get(key)
     if plan is not None:
         _PLAN_CACHE.move_to_end(key)
         return plan
-    chunks = torch.tensor([triton.cdiv(row[_N], elements_per_program) for row in rows], dtype=torch.int64)
-    tensor_index = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), chunks)
-    first = torch.repeat_interleave(torch.cumsum(chunks, 0) - chunks, chunks)
-    chunk_index = (torch.arange(tensor_index.numel()) - first).to(torch.int32)
-    program_table = torch.stack((tensor_index, chunk_index), dim=1)
-    tensor_table = torch.tensor([list(row) + [0] * (_COLUMNS.value - len(row)) for row in rows], dtype=torch.int64)
-    aligned = all(address % 16 == 0 for row in rows for address in row[:_A1])
-    plan = (tensor_table.to(device), program_table.to(device), int(program_table.shape[0]), aligned)
+    base = torch.tensor(rows, dtype=torch.int64)
+    chunks = (base[:, _N] + chunk - 1) // chunk
+    index = torch.repeat_interleave(torch.arange(len(rows)), chunks)
+    chunk_index = torch.arange(index.numel()) - torch.repeat_interleave(torch.cumsum(chunks, 0) - chunks, chunks)
+    advance = torch.tensor(steps + (-chunk,), dtype=torch.int64)
+    table = torch.zeros((index.numel(), _COLUMNS.value), dtype=torch.int64)
+    table[:, : _N + 1] = base[index] + chunk_index[:, None] * advance
+    aligned = bool((base[:, : _A1] % 16 == 0).all())
+    plan = (table.to(device), aligned)
     _PLAN_CACHE[key] = plan
     if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
         _PLAN_CACHE.popitem(last=False)
     return plan
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+def rows_8bit(
+    optimizer_name: str, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+    states1: Sequence[torch.Tensor], states2: Sequence[torch.Tensor] | None,
+    absmax1s: Sequence[torch.Tensor], absmax2s: Sequence[torch.Tensor] | None,
+) -> list[tuple[int, ...]]:
+    """Per-tensor rows ``(g, p, s1, s1b, s2, a1, a1b, a2, n)`` of byte addresses (empty tensors skipped)."""
+    formula = FORMULAS[optimizer_name]
+    rows = []
+    for i, p in enumerate(params):
+        n = p.numel()
+        if n == 0:
+            continue
+        s1, a1 = states1[i].data_ptr(), absmax1s[i].data_ptr()
+        s1b, a1b = (s1 + n, a1 + 4 * ((n + BLOCKSIZE - 1) // BLOCKSIZE)) if formula == 1 else (s1, a1)
+        s2, a2 = (states2[i].data_ptr(), absmax2s[i].data_ptr()) if formula in _TWO_STATE else (s1, a1)
+        rows.append((grads[i].data_ptr(), p.data_ptr(), s1, s1b, s2, a1, a1b, a2, n))
+    return rows
+
+
+def rows_32bit(
+    optimizer_name: str, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+    states1: Sequence[torch.Tensor], states2: Sequence[torch.Tensor] | None,
+) -> list[tuple[int, ...]]:
+    """Per-tensor rows ``(g, p, s1, s1b, s2, 0, 0, 0, n)`` of byte addresses (empty tensors skipped)."""
+    formula = FORMULAS[optimizer_name]
+    rows = []
+    for i, p in enumerate(params):
+        n = p.numel()
+        if n == 0:
+            continue
+        s1 = states1[i].data_ptr()
+        s2 = states2[i].data_ptr() if formula in _TWO_STATE else s1
+        rows.append((grads[i].data_ptr(), p.data_ptr(), s1, s1 + 4 * n if formula == 1 else s1, s2, 0, 0, 0, n))
+    return rows
+
+
+def launch_multi_8bit(
+    optimizer_name: str, rows: Sequence[tuple[int, ...]], p_dtype: torch.dtype, device: torch.device,
+    qmap1: torch.Tensor, qmap2: torch.Tensor | None, beta1: float, beta2: float, beta3: float, alpha: float,
+    eps: float, step: int, lr: float, weight_decay: float, gnorm_scale: float, skip_zeros: bool, *,
+    maxnreg: int | None = MAXNREG_8BIT,
+) -> None:
+    """One launch over the tensors of ``rows`` (from :func:`rows_8bit`): contiguous, checked, of
+    parameter dtype ``p_dtype`` on ``device``, sharing the step and the maps (``maxnreg``: the
+    register cap, overridable for the benchmark's sweep)."""
+    if not rows:
+        return
+    formula = FORMULAS[optimizer_name]
+    chunk = BLOCKS_8BIT * BLOCKSIZE
+    size = torch.empty((), dtype=p_dtype).element_size()
+    steps = (size * chunk, size * chunk, chunk, chunk, chunk, 4 * BLOCKS_8BIT, 4 * BLOCKS_8BIT, 4 * BLOCKS_8BIT)
+    table, aligned = _program_table(rows, chunk, steps, device)
+    tables = search_tables(qmap1, qmap2)
+    _multi_update_8bit_kernel[(table.shape[0],)](
+        table, qmap1, qmap1 if qmap2 is None else qmap2, tables.lut, tables.mids, tables.negatives,
+        *_scalars(formula, beta1, beta2, beta3, alpha, eps, step, lr, weight_decay, gnorm_scale),
+        P_DTYPE=_TL_DTYPES[p_dtype], OPT=formula, HAS_WD=weight_decay > 0, SKIP_ZEROS=skip_zeros,
+        EXACT_BF16=_INTERPRET, BLOCKS=BLOCKS_8BIT, SEARCH=tables.search, K=tables.k, GATHER=GATHER_8BIT,
+        GATHER_LUT=GATHER_LUT_8BIT, ALIGNED=aligned, num_warps=WARPS_8BIT, maxnreg=maxnreg, enable_fp_fusion=False,
+    )
+
+
+def launch_multi_32bit(
+    optimizer_name: str, rows: Sequence[tuple[int, ...]], p_dtype: torch.dtype, device: torch.device,
+    beta1: float, beta2: float, beta3: float, alpha: float, eps: float, step: int, lr: float,
+    weight_decay: float, gnorm_scale: float, skip_zeros: bool,
+) -> None:
+    """One launch over the tensors of ``rows`` (from :func:`rows_32bit`), as :func:`launch_multi_8bit`."""
+    if not rows:
+        return
+    formula = FORMULAS[optimizer_name]
+    chunk = BLOCK_32BIT
+    size = torch.empty((), dtype=p_dtype).element_size()
+    steps = (size * chunk, size * chunk, 4 * chunk, 4 * chunk, 4 * chunk, 0, 0, 0)
+    table, aligned = _program_table(rows, chunk, steps, device)
+    _multi_update_32bit_kernel[(table.shape[0],)](
+        table, *_scalars(formula, beta1, beta2, beta3, alpha, eps, step, lr, weight_decay, gnorm_scale),
+        P_DTYPE=_TL_DTYPES[p_dtype], OPT=formula, HAS_WD=weight_decay > 0, SKIP_ZEROS=skip_zeros,
+        EXACT_BF16=_INTERPRET, BLOCK=chunk, ALIGNED=aligned, num_warps=WARPS_32BIT, enable_fp_fusion=False,
+    )
 
 
 def multi_update_8bit_blockwise(
@@ -797,30 +909,11 @@ def multi_update_8bit_blockwise(
     eps: float, step: int, lr: float, weight_decay: float, gnorm_scale: float, skip_zeros: bool,
 ) -> None:
     """One launch over contiguous, checked tensors of one dtype and step, sharing the maps."""
-    formula = FORMULAS[optimizer_name]
-    rows = []
-    for i, p in enumerate(params):
-        n = p.numel()
-        if n == 0:
-            continue
-        s1, a1 = states1[i], absmax1s[i]
-        s1_ptr, a1_ptr = s1.data_ptr(), a1.data_ptr()
-        s1b_ptr, a1b_ptr = (s1_ptr + n, a1_ptr + 4 * triton.cdiv(n, BLOCKSIZE)) if formula == 1 else (s1_ptr, a1_ptr)
-        s2_ptr, a2_ptr = (states2[i].data_ptr(), absmax2s[i].data_ptr()) if formula in _TWO_STATE else (s1_ptr, a1_ptr)
-        rows.append((grads[i].data_ptr(), p.data_ptr(), s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, n))
-    if not rows:
+    if not params:
         return
-    p_dtype, device = params[0].dtype, params[0].device
-    key = ("8bit", device, p_dtype, BLOCKS_8BIT, tuple(rows))
-    tensor_table, program_table, programs, aligned = _plan(rows, BLOCKS_8BIT * BLOCKSIZE, key, device)
-    tables = search_tables(qmap1, qmap2)
-    _multi_update_8bit_kernel[(programs,)](
-        tensor_table, program_table, qmap1, qmap1 if qmap2 is None else qmap2, tables.lut, tables.mids,
-        tables.negatives, *_scalars(formula, beta1, beta2, beta3, alpha, eps, step, lr, weight_decay, gnorm_scale),
-        P_DTYPE=_TL_DTYPES[p_dtype], OPT=formula, HAS_WD=weight_decay > 0, SKIP_ZEROS=skip_zeros,
-        EXACT_BF16=_INTERPRET, BLOCKS=BLOCKS_8BIT, SEARCH=tables.search, K=tables.k, GATHER=GATHER_8BIT,
-        GATHER_LUT=GATHER_LUT_8BIT, ALIGNED=aligned, num_warps=WARPS_8BIT, enable_fp_fusion=False,
-    )
+    rows = rows_8bit(optimizer_name, grads, params, states1, states2, absmax1s, absmax2s)
+    launch_multi_8bit(optimizer_name, rows, params[0].dtype, params[0].device, qmap1, qmap2, beta1, beta2, beta3,
+                      alpha, eps, step, lr, weight_decay, gnorm_scale, skip_zeros)
 
 
 def multi_update_32bit(
@@ -830,24 +923,8 @@ def multi_update_32bit(
     skip_zeros: bool,
 ) -> None:
     """One launch over contiguous, checked tensors of one dtype and step (no update norm)."""
-    formula = FORMULAS[optimizer_name]
-    rows = []
-    for i, p in enumerate(params):
-        n = p.numel()
-        if n == 0:
-            continue
-        s1_ptr = states1[i].data_ptr()
-        s1b_ptr = s1_ptr + 4 * n if formula == 1 else s1_ptr
-        s2_ptr = states2[i].data_ptr() if formula in _TWO_STATE else s1_ptr
-        rows.append((grads[i].data_ptr(), p.data_ptr(), s1_ptr, s1b_ptr, s2_ptr, 0, 0, 0, n))
-    if not rows:
+    if not params:
         return
-    p_dtype, device = params[0].dtype, params[0].device
-    key = ("32bit", device, p_dtype, BLOCK_32BIT, tuple(rows))
-    tensor_table, program_table, programs, aligned = _plan(rows, BLOCK_32BIT, key, device)
-    _multi_update_32bit_kernel[(programs,)](
-        tensor_table, program_table,
-        *_scalars(formula, beta1, beta2, beta3, alpha, eps, step, lr, weight_decay, gnorm_scale),
-        P_DTYPE=_TL_DTYPES[p_dtype], OPT=formula, HAS_WD=weight_decay > 0, SKIP_ZEROS=skip_zeros,
-        EXACT_BF16=_INTERPRET, BLOCK=BLOCK_32BIT, ALIGNED=aligned, num_warps=WARPS_32BIT, enable_fp_fusion=False,
-    )
+    rows = rows_32bit(optimizer_name, grads, params, states1, states2)
+    launch_multi_32bit(optimizer_name, rows, params[0].dtype, params[0].device, beta1, beta2, beta3, alpha, eps,
+                       step, lr, weight_decay, gnorm_scale, skip_zeros)
