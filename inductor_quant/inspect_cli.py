@@ -123,11 +123,11 @@ def _unpack(spec: str, built: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``inspect`` subcommand; returns the process exit code."""
-    from .inspect import inspect as inspect_fn
-    from .inspect.html import render_html
+    from .inspection import inspect as inspect_fn
+    from .inspection.html import render_html
 
     if args.demo:
-        from .inspect.examples import tiny_llama_nf4, two_layer_mlp
+        from .inspection.examples import tiny_llama_nf4, two_layer_mlp
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():

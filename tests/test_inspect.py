@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from inductor_quant import inspect_cli
-from inductor_quant.inspect import InspectionReport, inspect
-from inductor_quant.inspect.examples import shared_weight_mlp, two_layer_mlp, widened_weight_mlp
-from inductor_quant.inspect.html import render_html
+from inductor_quant.inspection import InspectionReport, inspect
+from inductor_quant.inspection.examples import shared_weight_mlp, two_layer_mlp, widened_weight_mlp
+from inductor_quant.inspection.html import render_html
 
 expecttest = pytest.importorskip("expecttest")
 
@@ -202,7 +202,7 @@ def test_cli_script_target(tmp_path, capsys):
     script.write_text(
         textwrap.dedent(
             """
-            from inductor_quant.inspect.examples import two_layer_mlp
+            from inductor_quant.inspection.examples import two_layer_mlp
 
             def build():
                 model, inputs = two_layer_mlp(dim=32, hidden=64)

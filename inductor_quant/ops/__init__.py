@@ -1,7 +1,8 @@
 """Definitions of the ``torch.ops.inductor_quant`` operators: schema, fake impl, CPU kernel.
 
 Importing this package registers every op. Device kernels (Triton, in ``inductor_quant.kernels``)
-are registered by ``inductor_quant.ops.triton_registrations`` when Triton and a GPU are available.
+are registered for cuda/xpu by the ``triton_*`` modules; ``optim_functional`` and ``matmul_8bit``
+define the functional ops the compiled paths use, ``autograd`` the QLoRA backward.
 """
 
 from . import blockwise, fourbit, gemm, optim  # noqa: F401  (registration side effects)

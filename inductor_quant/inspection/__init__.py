@@ -5,7 +5,7 @@ with Inductor and returns an :class:`InspectionReport`: graph breaks, recompiles
 graph before and after the inductor_quant passes, each pattern's matches, every generated kernel
 with the quantized ops it contains and the bytes it moves, and each quantized op that did not
 fuse with the reason. ``report.to_text()``, ``report.to_json()`` and
-``inductor_quant.inspect.html.render_html(report)`` render it.
+``inductor_quant.inspection.html.render_html(report)`` render it.
 
 Importing this package is cheap (the report classes only); Inductor is imported by ``inspect()``.
 """
