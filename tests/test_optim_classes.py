@@ -155,7 +155,7 @@ class _ReferenceClipped(torch.optim.Optimizer):
                     p.copy_(p.float() - lr * scale * m)
 
 
-def _torch_state(kind, ref_state):
+def _torch_state(kind):
     return {
         "adam": ("exp_avg", "exp_avg_sq"),
         "momentum": ("momentum_buffer", None),
@@ -190,7 +190,7 @@ def test_32bit_matches_reference(name):
     opt = cls(ours_p, optim_bits=32, **kwargs)
     ref = make_ref(ref_p)
     gen = torch.Generator().manual_seed(1)
-    s1_name, s2_name = _torch_state(kind, None)
+    s1_name, s2_name = _torch_state(kind)
     for _ in range(STEPS):
         _set_grads(ours_p, ref_p, gen=gen)
         opt.step()
@@ -220,7 +220,7 @@ def test_8bit_one_step_error(name, dtype):
     opt = cls(ours_p, optim_bits=8, **kwargs)
     ref = make_ref(ref_p)
     gen = torch.Generator().manual_seed(2)
-    s1_name, s2_name = _torch_state(kind, None)
+    s1_name, s2_name = _torch_state(kind)
     abs_errors, rel_errors = [], []
     for _ in range(STEPS):
         _set_grads(ours_p, ref_p, gen=gen, scale=0.01)
