@@ -113,7 +113,7 @@ def test_tiles_smaller_than_a_block(path):
     _check(weight.fused(A, path=path, config=config), A, weight)
 
 
-@pytest.mark.parametrize("split_k, has_bias, act_left", [(2, True, False), (4, False, True)])
+@pytest.mark.parametrize("split_k, has_bias, act_left", [(2, True, False), (4, False, True), (1, True, True)])
 def test_dot_split_k_reduces_deterministically_and_resets_counters(split_k, has_bias, act_left):
     weight = Weight(40, 1024, nested=True)
     A = torch.randn(20, 1024, dtype=torch.float16)
