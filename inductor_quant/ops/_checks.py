@@ -7,7 +7,7 @@ was expected, so a bad call fails before any kernel runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -19,29 +19,42 @@ MIN_BLOCKSIZE = 32
 MAX_BLOCKSIZE = 4096
 
 
-def check(cond: bool, message: str) -> None:
-    """``torch._check`` with an eager message (works on SymBools too)."""
-    torch._check(cond, lambda: message)
+Message = str | Callable[[], str]
 
 
-def check_value(cond: bool, message: str) -> None:
+def _lazy(message: Message) -> Callable[[], str]:
+    return message if callable(message) else lambda: message
+
+
+def check(cond: bool, message: Message) -> None:
+    """``torch._check`` (works on SymBools too). Pass the message as a lambda on hot paths: it is
+    only formatted when the check fails."""
+    if cond is True:
+        return
+    torch._check(cond, _lazy(message))
+
+
+def check_value(cond: bool, message: Message) -> None:
     """``torch._check_value``: raises ValueError for a bad non-tensor argument."""
-    torch._check_value(cond, lambda: message)
+    if cond is True:
+        return
+    torch._check_value(cond, _lazy(message))
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d) for d in dtypes)
 
 
 def check_dtype(tensor: torch.Tensor, name: str, dtypes: Sequence[torch.dtype]) -> None:
-    allowed = ", ".join(str(d) for d in dtypes)
-    check(tensor.dtype in dtypes, f"{name} must have dtype in ({allowed}), got {tensor.dtype}")
+    check(tensor.dtype in dtypes, lambda: f"{name} must have dtype in ({_names(dtypes)}), got {tensor.dtype}")
 
 
 def check_float_dtype_arg(dtype: torch.dtype, name: str = "dtype") -> None:
-    allowed = ", ".join(str(d) for d in FLOAT_DTYPES)
-    check_value(dtype in FLOAT_DTYPES, f"{name} must be one of ({allowed}), got {dtype}")
+    check_value(dtype in FLOAT_DTYPES, lambda: f"{name} must be one of ({_names(FLOAT_DTYPES)}), got {dtype}")
 
 
 def check_storage_dtype_arg(dtype: torch.dtype, name: str = "quant_storage") -> None:
-    allowed = ", ".join(str(d) for d in STORAGE_DTYPES)
-    check_value(dtype in STORAGE_DTYPES, f"{name} must be one of ({allowed}), got {dtype}")
+    check_value(dtype in STORAGE_DTYPES, lambda: f"{name} must be one of ({_names(STORAGE_DTYPES)}), got {dtype}")
 
 
 def check_blocksize(blocksize: int, name: str = "blocksize") -> None:
@@ -49,16 +62,16 @@ def check_blocksize(blocksize: int, name: str = "blocksize") -> None:
         isinstance(blocksize, int)
         and MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE
         and blocksize & (blocksize - 1) == 0,
-        f"{name} must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize}",
+        lambda: f"{name} must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize}",
     )
 
 
 def check_quant_type(quant_type: str) -> None:
-    check_value(quant_type in QUANT_TYPES, f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    check_value(quant_type in QUANT_TYPES, lambda: f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 def check_numel(tensor: torch.Tensor, name: str, expected, what: str) -> None:
-    check(tensor.numel() == expected, f"{name} must have {expected} elements ({what}), got {tensor.numel()}")
+    check(tensor.numel() == expected, lambda: f"{name} must have {expected} elements ({what}), got {tensor.numel()}")
 
 
 def check_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -66,12 +79,12 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others: to
         if tensor is not None:
             check(
                 tensor.device == reference.device,
-                f"{name} must be on the same device as {reference_name} ({reference.device}), got {tensor.device}",
+                lambda: f"{name} must be on the same device as {reference_name} ({reference.device}), got {tensor.device}",
             )
 
 
 def check_shape_arg(shape: Sequence[int], name: str = "shape") -> None:
-    check_value(all(s >= 0 for s in shape), f"{name} must hold non-negative sizes, got {list(shape)}")
+    check_value(all(s >= 0 for s in shape), lambda: f"{name} must hold non-negative sizes, got {list(shape)}")
 
 
 def num_blocks(n, blocksize: int):
@@ -92,17 +105,17 @@ def check_packed_4bit(B: torch.Tensor, name: str, n) -> None:
     expected = (n + 1) // 2
     check(
         B.numel() * B.element_size() == expected,
-        f"{name} must hold (n + 1) // 2 = {expected} bytes for n = {n} 4-bit values, "
+        lambda: f"{name} must hold (n + 1) // 2 = {expected} bytes for n = {n} 4-bit values, "
         f"got {B.numel()} x {B.dtype} = {B.numel() * B.element_size()} bytes",
     )
 
 
 def check_code_table(code: torch.Tensor, name: str, entries: int) -> None:
     check_dtype(code, name, (torch.float32,))
-    check(code.dim() == 1 and code.numel() == entries, f"{name} must be a 1-D table of {entries} entries, got shape {tuple(code.shape)}")
+    check(code.dim() == 1 and code.numel() == entries, lambda: f"{name} must be a 1-D table of {entries} entries, got shape {tuple(code.shape)}")
 
 
 def check_out(out: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
-    check(out.dtype == dtype, f"out must have dtype {dtype}, got {out.dtype}")
-    check(list(out.shape) == list(shape), f"out must have shape {list(shape)}, got {list(out.shape)}")
-    check(out.device == device, f"out must be on {device}, got {out.device}")
+    check(out.dtype == dtype, lambda: f"out must have dtype {dtype}, got {out.dtype}")
+    check(list(out.shape) == list(shape), lambda: f"out must have shape {list(shape)}, got {list(out.shape)}")
+    check(out.device == device, lambda: f"out must be on {device}, got {out.device}")
