@@ -131,7 +131,7 @@ def assert_codes(got: torch.Tensor, want: torch.Tensor) -> None:
     assert int((diff > 0).sum()) <= max(1, diff.numel() // 100_000), f"{int((diff > 0).sum())} codes differ"
 
 
-def assert_param(got: torch.Tensor, want: torch.Tensor, old: torch.Tensor, update_rtol: float = 4 * 2**-23) -> None:
+def assert_param(got: torch.Tensor, want: torch.Tensor, old: torch.Tensor, update_rtol: float = 8 * 2**-23) -> None:
     """``p`` within a few ulp of its dtype, plus a few fp32 ulp of the update ``|want - old|``: the
     kernels' update direction uses the fast ``div``/``sqrt`` (and the reference's CPU ``sqrt`` is
     not correctly rounded), so its error scales with the step, not with ``p``."""
@@ -313,7 +313,7 @@ def assert_32bit(name: str, case: dict, h: dict, max_unorm: float, out: dict) ->
     # The update norm is a sum over the tensor: a different summation order, a scale within ~1e-6.
     torch.testing.assert_close(out["unorm_vec"], ref.unorm, rtol=1e-5, atol=0)
     # p: the reference's scale differs by ~1e-6 relative (its own summation order)
-    assert_param(out["p"], ref.p, case["p"], 4 * 2**-23 if max_unorm == 0 else 1e-5)
+    assert_param(out["p"], ref.p, case["p"], 8 * 2**-23 if max_unorm == 0 else 1e-5)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)

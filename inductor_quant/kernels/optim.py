@@ -2,9 +2,11 @@
 
 Numerics follow ``inductor_quant.reference.optim`` (the oracle). Every state is computed in fp32
 with the reference's order of operations and FMA contraction disabled (``enable_fp_fusion=False``),
-so new states equal the reference's bit for bit. Only the update direction uses the fast
-``div.full``/``sqrt.approx`` instructions: it moves ``p`` by ``lr * u``, and a few ulp of ``u`` are
-far below ``p``'s own rounding (the reference's CPU ``sqrt`` is not correctly rounded either).
+so new states equal the reference's bit for bit. Only the update direction of adam, rmsprop and
+adagrad uses the fast ``div.full``/``sqrt.approx`` instructions: it moves ``p`` by ``lr * u``, a
+product of quotients with a few ulp of error relative to the step (the reference's CPU ``sqrt``
+is not correctly rounded either). AdEMAMix's direction adds two terms that can cancel, so it
+divides with IEEE ``div_rn``/``sqrt_rn``.
 Host constants (``1 - beta``, ``beta ** step``, ``eps * c2``, ``1 - lr * wd``) are computed in
 Python double and rounded to fp32 once, as the reference's ``float * tensor`` arithmetic does.
 
@@ -85,7 +87,12 @@ BLOCKS_8BIT = 8
 WARPS_8BIT = 8
 GATHER_8BIT = True
 GATHER_LUT_8BIT = True
-MAXNREG_8BIT = 80  # 3 programs of 8 warps per SM; the multi-tensor kernel would take ~100 registers
+MAXNREG_8BIT = 80  # 3 programs of 8 warps per SM (the multi-tensor kernel would take ~100 registers)
+
+
+def _register_cap(formula: int, maxnreg: int | None) -> int | None:
+    """AdEMAMix (three states) would spill under the cap: it keeps the compiler's choice."""
+    return None if formula == 1 else maxnreg
 BLOCK_32BIT = 2048
 WARPS_32BIT = 8
 
@@ -130,7 +137,10 @@ def _states_and_direction(
         new1 = beta1 * s1 + omb1 * g
         new1b = beta3 * s1b + omb3 * g
         new2 = beta2 * s2 + omb2 * g * g
-        direction = (new1 / bias1 + alpha * new1b) / (tl.sqrt(new2) / bias2 + eps)
+        # IEEE division and sqrt here: m1 / c1 + alpha * m2 can cancel, which would magnify the
+        # fast division's error far beyond the few ulp the other formulas keep.
+        numerator = tl.math.div_rn(new1, bias1) + alpha * new1b
+        direction = tl.math.div_rn(numerator, tl.math.div_rn(tl.sqrt_rn(new2), bias2) + eps)
     elif OPT == MOMENTUM:
         new1 = tl.where(first_step != 0, g, beta1 * s1 + g)
         new1b = new1
@@ -742,7 +752,7 @@ def update_8bit_blockwise(
         OPT=formula, HAS_WD=weight_decay > 0, SKIP_ZEROS=skip_zeros, EXACT_BF16=_INTERPRET, BLOCKS=blocks,
         SEARCH=tables.search, K=tables.k, GATHER=GATHER_8BIT if gather is None else gather,
         GATHER_LUT=GATHER_LUT_8BIT if gather_lut is None else gather_lut,
-        num_warps=num_warps or WARPS_8BIT, maxnreg=maxnreg, enable_fp_fusion=False,
+        num_warps=num_warps or WARPS_8BIT, maxnreg=_register_cap(formula, maxnreg), enable_fp_fusion=False,
     )
 
 
@@ -877,7 +887,8 @@ def launch_multi_8bit(
         *_scalars(formula, beta1, beta2, beta3, alpha, eps, step, lr, weight_decay, gnorm_scale),
         P_DTYPE=_TL_DTYPES[p_dtype], OPT=formula, HAS_WD=weight_decay > 0, SKIP_ZEROS=skip_zeros,
         EXACT_BF16=_INTERPRET, BLOCKS=BLOCKS_8BIT, SEARCH=tables.search, K=tables.k, GATHER=GATHER_8BIT,
-        GATHER_LUT=GATHER_LUT_8BIT, ALIGNED=aligned, num_warps=WARPS_8BIT, maxnreg=maxnreg, enable_fp_fusion=False,
+        GATHER_LUT=GATHER_LUT_8BIT, ALIGNED=aligned, num_warps=WARPS_8BIT, maxnreg=_register_cap(formula, maxnreg),
+        enable_fp_fusion=False,
     )
 
 
