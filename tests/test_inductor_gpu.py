@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
-import inductor_quant.compile as iq_compile
+from inductor_quant.compile import compile as iq_compile
 from inductor_quant.code_tables import dynamic_map
 from inductor_quant.lowerings import register_lowerings
 from inductor_quant.ops.optim_functional import step_8bit_blockwise
@@ -53,7 +53,7 @@ def test_dequantize_linear_m1_is_one_kernel(dtype):
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = iq_compile.compile(fn, fullgraph=True)
+    compiled = iq_compile(fn, fullgraph=True)
     out, source = run_and_get_code(compiled, x, packed, absmax)
     source = "\n".join(source)
     FileCheck().check_count("torch.ops.inductor_quant.gemm_4bit.default(", 1, exactly=True).run(source)

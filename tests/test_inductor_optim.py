@@ -298,3 +298,40 @@ def test_handwritten_8bit_adam_chain_fuses():
     assert_param_close("adam", compiled_args[0], eager_args[0], p)
     for a, e in zip(compiled_args[2:], eager_args[2:]):
         assert_bit_equal(a, e)
+
+
+def test_mutating_updates_are_rewritten_to_functional_steps():
+    """The mutating ops under inductor_quant.compile: the optimizer-chain pass replaces the
+    auto-functionalized calls by the functional steps (lowered: no call left), updates the inputs
+    in place like eager, and records why a call on a view of a graph input is left alone."""
+    from inductor_quant.compile import compile as iq_compile
+    from inductor_quant.patterns import records
+    from torch._dynamo.utils import counters
+
+    qmap1, qmap2 = dynamic_map(signed=True), dynamic_map(signed=False)
+    g, p, s1, s2, a1, a2 = state_8bit("adam", (64, 64), torch.float32)
+    g = torch.randn(64, 64) * 0.1
+    p32, g32, m32 = torch.randn(100), torch.randn(100), torch.rand(100)
+    lion_p, lion_g, lion_s1, _, lion_a1, _ = state_8bit("lion", (16, 32), torch.float32)
+
+    def step(g, p, s1, s2, a1, a2, g32, p32, m32, lion_g, lion_p, lion_s1, lion_a1):
+        iq.optimizer_update_8bit_blockwise("adam", g, p, s1, s2, 0.9, 0.999, 0.0, 0.0, 1e-8, 3, 1e-3, qmap1, qmap2, a1, a2, 0.01, 1.0)
+        iq.optimizer_update_32bit("momentum", g32, p32, m32, None, None, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 1e-8, 0.0, 3, 1e-3, 1.0)
+        iq.optimizer_update_8bit_blockwise("lion", lion_g, lion_p.view(-1), lion_s1, None, 0.9, 0.99, 0.0, 0.0, 0.0, 3, 1e-4, qmap1, None, lion_a1, None, 0.0, 1.0)
+
+    inputs = [g, p, s1, s2, a1, a2, g32, p32, m32, lion_g, lion_p, lion_s1, lion_a1]
+    eager, compiled_inputs = [t.clone() for t in inputs], [t.clone() for t in inputs]
+    step(*eager)
+    torch._dynamo.reset()
+    counters.clear()
+    records.clear_fusion_decisions()
+    _, source = run_and_get_code(iq_compile(step, fullgraph=True), *compiled_inputs)
+    source = "\n".join(source)
+    assert dict(counters["inductor_quant"]) == {"functional_optimizer_8bit": 1, "functional_optimizer_32bit": 1}
+    assert "torch.ops.inductor_quant.optimizer_update_32bit.default(" not in source
+    assert source.count("torch.ops.inductor_quant.optimizer_update_8bit_blockwise.default(") == 1  # the view case
+    assert_param_close("adam", compiled_inputs[1], eager[1], p)
+    for i in (2, 3, 4, 5, 7, 8, 10, 11, 12):
+        assert_bit_equal(compiled_inputs[i], eager[i])
+    kept = [d for d in records.fusion_decisions() if d.action == "not rewritten"]
+    assert len(kept) == 1 and "p is a view" in kept[0].reason

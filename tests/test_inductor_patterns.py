@@ -21,7 +21,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
-import inductor_quant.compile as iq_compile
+from inductor_quant.compile import compile as iq_compile
 from inductor_quant.code_tables import dynamic_map
 from inductor_quant.patterns import records
 from inductor_quant.patterns.pass_manager import QuantPassConfig, QuantPassManager, install_options
@@ -50,7 +50,7 @@ def run_compiled(fn, *args, **compile_kwargs):
     counters.clear()
     records.clear_fusion_decisions()
     expected = fn(*args)
-    actual, source = run_and_get_code(iq_compile.compile(fn, fullgraph=True, **compile_kwargs), *args)
+    actual, source = run_and_get_code(iq_compile(fn, fullgraph=True, **compile_kwargs), *args)
     return expected, actual, "\n".join(source)
 
 
@@ -284,7 +284,7 @@ def test_quantized_block_fullgraph_no_recompiles():
     block = Block().eval()
     torch._dynamo.reset()
     counters.clear()
-    compiled_block = iq_compile.compile(block, fullgraph=True, dynamic=True)
+    compiled_block = iq_compile(block, fullgraph=True, dynamic=True)
     with torch.no_grad():
         x = torch.randn(2, 8, 64)  # warm-up: one compile with a symbolic batch (sizes >= 2)
         assert_close(compiled_block(x), block(x))
@@ -347,7 +347,7 @@ def test_install_options_composes_instead_of_clobbering():
     with pytest.raises(ValueError, match="hook must be one of"):
         install_options({}, hook="joint_custom_pre_pass")
     with pytest.raises(ValueError, match="backend must be 'inductor'"):
-        iq_compile.compile(lambda x: x, backend="eager")
+        iq_compile(lambda x: x, backend="eager")
 
 
 def test_uuid_identifies_sources_config_and_chained_passes():
@@ -366,7 +366,7 @@ def test_second_process_hits_the_fx_graph_cache(tmp_path):
     script = textwrap.dedent(
         """
         import json, torch, torch.nn.functional as F
-        import inductor_quant.compile as iq_compile
+        from inductor_quant.compile import compile as iq_compile
         from torch._dynamo.utils import counters
         from inductor_quant.patterns.pass_manager import QuantPassManager
         iq = torch.ops.inductor_quant
@@ -375,7 +375,7 @@ def test_second_process_hits_the_fx_graph_cache(tmp_path):
         x = torch.randn(4, 64)
         def fn(x, packed, absmax):
             return F.linear(x, iq.dequantize_4bit(packed, absmax, 64, "nf4", [32, 64], x.dtype)) * 2
-        out = iq_compile.compile(fn, fullgraph=True)(x, packed, absmax)
+        out = iq_compile(fn, fullgraph=True)(x, packed, absmax)
         print(json.dumps({
             "hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
             "rewrites": counters["inductor_quant"]["gemm_4bit_mm"], "ok": bool(torch.equal(out, fn(x, packed, absmax))),

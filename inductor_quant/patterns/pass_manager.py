@@ -37,7 +37,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import PatternMatcherPass
 
 from ..lowerings import lowering_files, register_lowerings
-from . import dequant_linear
+from . import dequant_linear, optimizer_chain
 
 try:
     from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass as _PassBase
@@ -60,11 +60,14 @@ class QuantPassConfig:
     ``dequant_linear_8bit``: ``dequantize_blockwise`` feeding ``mm``/``addmm`` -> ``linear_8bit``
     (turn off to leave the 8-bit dequantize to its lowering, e.g. to let max-autotune fuse it
     into a Triton matmul template as a prologue).
+    ``functional_optimizer_updates``: auto-functionalized mutating optimizer updates ->
+    the functional optimizer steps (which have fused lowerings).
     ``lowerings``: install the IR lowerings when the pass first runs.
     """
 
     dequant_linear_4bit: bool = True
     dequant_linear_8bit: bool = True
+    functional_optimizer_updates: bool = True
     lowerings: bool = True
 
 
@@ -121,8 +124,12 @@ class QuantPassManager(_PassBase):
                 user_pass(graph, is_inference=is_inference)
             else:
                 user_pass(graph)
-        if self.patterns.apply(graph):
-            _set_eager_input_vals(graph, dequant_linear.FUSED_TARGETS)
+        changed = 0
+        if self.config.functional_optimizer_updates:
+            changed += optimizer_chain.rewrite_optimizer_updates(graph)
+        changed += self.patterns.apply(graph)
+        if changed:
+            _set_eager_input_vals(graph, dequant_linear.FUSED_TARGETS + optimizer_chain.FUSED_TARGETS)
             graph.eliminate_dead_code()
             graph.lint()
 
