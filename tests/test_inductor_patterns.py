@@ -362,10 +362,17 @@ def test_uuid_identifies_sources_config_and_chained_passes():
 
 def test_second_process_hits_the_fx_graph_cache(tmp_path):
     """Two fresh processes share one cache directory: the first compiles (miss, the pass runs),
-    the second loads the compiled graph (hit) and still computes the right result."""
+    the second loads the compiled graph (hit) and still computes the right result. Both also
+    check that importing inductor_quant changed no Inductor setting and registered no lowering."""
     script = textwrap.dedent(
         """
         import json, torch, torch.nn.functional as F
+        from torch._inductor import config
+        from torch._inductor.lowering import lowerings
+        settings = {k: repr(v) for k, v in config.get_config_copy().items()}
+        n_lowerings = len(lowerings)
+        import inductor_quant
+        untouched = settings == {k: repr(v) for k, v in config.get_config_copy().items()} and len(lowerings) == n_lowerings
         from inductor_quant.compile import compile as iq_compile
         from torch._dynamo.utils import counters
         from inductor_quant.patterns.pass_manager import QuantPassManager
@@ -379,7 +386,7 @@ def test_second_process_hits_the_fx_graph_cache(tmp_path):
         print(json.dumps({
             "hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
             "rewrites": counters["inductor_quant"]["gemm_4bit_mm"], "ok": bool(torch.equal(out, fn(x, packed, absmax))),
-            "uuid": QuantPassManager().uuid(),
+            "uuid": QuantPassManager().uuid(), "import_untouched": untouched,
         }))
         """
     )
@@ -392,5 +399,5 @@ def test_second_process_hits_the_fx_graph_cache(tmp_path):
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     first, second = runs
     uuid = QuantPassManager().uuid()
-    assert first == {"hit": 0, "miss": 1, "rewrites": 1, "ok": True, "uuid": uuid}
-    assert second == {"hit": 1, "miss": 0, "rewrites": 0, "ok": True, "uuid": uuid}  # cached: the pass did not run again
+    assert first == {"hit": 0, "miss": 1, "rewrites": 1, "ok": True, "uuid": uuid, "import_untouched": True}
+    assert second == {"hit": 1, "miss": 0, "rewrites": 0, "ok": True, "uuid": uuid, "import_untouched": True}  # cached: the pass did not run again

@@ -7,7 +7,12 @@ fuses with neighbouring pointwise work. Importing ``inductor_quant`` registers n
 :func:`register_lowerings` installs them (once per process) and is called by
 ``inductor_quant.compile`` and by the post-grad pass (``inductor_quant.patterns``), which runs
 before Inductor lowers the graph. Code that compiles our ops with a plain ``torch.compile`` and
-wants them fused calls it once up front (the optimizer classes do, when constructed).
+wants them fused calls it once up front (e.g. an optimizer whose compiled ``step`` uses the
+functional optimizer ops, in its constructor): without it those ops run as opaque calls.
+
+The FX graph cache does not key on lowerings: a graph compiled with them and one compiled
+without them are different code for the same key. ``QuantPassManager.uuid()`` hashes these
+files, so graphs compiled through the pass are keyed on the lowerings that shaped them.
 """
 
 from __future__ import annotations

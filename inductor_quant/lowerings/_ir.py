@@ -9,6 +9,7 @@ blocks, ``x * (1 / absmax)``, NaN -> 0, nearest code with ties to the lower entr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,13 +59,20 @@ def load_f32(load: Loader, i: sympy.Expr) -> Any:
     return ops.to_dtype(load(i), torch.float32)
 
 
-def constant_table(values: Sequence[float], device: torch.device) -> Loader:
-    """Loader of a small fp32 constant table embedded in the compiled module (a LUT gather)."""
+@functools.lru_cache(maxsize=None)
+def _table_tensor(values: tuple[float, ...], device: str) -> torch.Tensor:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
-        table = torch.tensor(list(values), dtype=torch.float32, device=device)
-    buffer = V.graph.add_tensor_constant(table)
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def constant_table(values: Sequence[float], device: torch.device) -> Loader:
+    """Loader of a small fp32 constant table embedded in the compiled module (a LUT gather).
+
+    The tensor is cached per (values, device), so every lowering in a graph that asks for the
+    same table gets the same constant buffer (Inductor dedups constants by tensor identity)."""
+    buffer = V.graph.add_tensor_constant(_table_tensor(tuple(values), str(device)))
     load = buffer.make_loader()
     return lambda i: load([i])
 

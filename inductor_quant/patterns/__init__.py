@@ -1,1 +1,12 @@
-"""Post-grad pattern-matcher passes (dequantize+linear, optimizer chains), one family per file."""
+"""Post-grad pattern-matcher passes (dequantize+linear, optimizer chains), one family per file.
+
+* ``dequant_linear``: ``dequantize_4bit`` / ``dequantize_blockwise`` feeding ``mm``/``addmm`` ->
+  ``gemm_4bit`` / ``linear_8bit``;
+* ``optimizer_chain``: auto-functionalized mutating optimizer updates -> functional optimizer
+  steps (which the lowerings fuse into one kernel per tensor);
+* ``pass_manager``: :class:`~.pass_manager.QuantPassManager`, the one ``CustomGraphPass`` that runs
+  them (chained with the user's own pass, stable ``uuid()`` for the FX graph cache), its
+  :class:`~.pass_manager.QuantPassConfig` and ``install_options`` for ``torch.compile(options=...)``;
+* ``records``: rewrite counters (``counters["inductor_quant"]``) and the fusion decisions with
+  their reasons (``fusion_decisions()``, ``node.meta["inductor_quant"]``).
+"""
