@@ -67,6 +67,7 @@ class DemoReport:
     device: str
     dtype: torch.dtype
     compiled: bool
+    compile_mode: str | None
     batch_size: int
     prompt_len: int
     new_tokens: int
@@ -79,6 +80,11 @@ class DemoReport:
                 return row
         raise KeyError(variant)
 
+    def _how(self) -> str:
+        if not self.compiled:
+            return "eager"
+        return f"compiled ({self.compile_mode} mode)" if self.compile_mode else "compiled"
+
     def format_table(self) -> str:
         """The table the CLI prints (markdown-compatible)."""
         c = self.config
@@ -86,7 +92,7 @@ class DemoReport:
         lines = [
             f"TinyLlama dim={c.dim} layers={c.n_layers} heads={c.n_heads} vocab={c.vocab_size} "
             f"on {self.device} ({str(self.dtype).removeprefix('torch.')}), "
-            f"{'compiled' if self.compiled else 'eager'}; batch {self.batch_size}, prompt {self.prompt_len}, "
+            f"{self._how()}; batch {self.batch_size}, prompt {self.prompt_len}, "
             f"{self.new_tokens} new tokens",
             "",
             "| variant | weight bytes | vs unquantized | max abs err | mean abs err | rel err | same tokens | tokens/s |",
@@ -266,4 +272,4 @@ def run_demo(
             )
         )
     sample = torch.cat([prompt[0], ref_tokens[0]]).tolist()
-    return DemoReport(config, device, dtype, compile, batch_size, prompt_len, new_tokens, rows, sample)
+    return DemoReport(config, device, dtype, compile, compile_mode if compile else None, batch_size, prompt_len, new_tokens, rows, sample)
