@@ -140,8 +140,9 @@ def _is_finite(x: Any) -> Any:
 
 
 @dataclass
-class _Update8bit:
-    """The per-element results of one 8-bit step at flat index ``i`` (fp32 states, p in p's dtype)."""
+class _Update:
+    """The per-element results of one step at a flat index: new p (fp32, already rounded to
+    p's dtype), the new fp32 state-1 rows and the new fp32 state 2 (or None)."""
 
     p: Any
     state1: list[Any]
@@ -194,7 +195,7 @@ def optimizer_step_8bit_blockwise(
         load_q2, load_qmap2 = _ir.flat_loader(state2), _ir.flat_loader(qmap2)
         old_absmax2 = _ir.block_loader(absmax2, n, BLOCK)
 
-    def update(i: sympy.Expr) -> _Update8bit:
+    def update(i: sympy.Expr) -> _Update:
         """``reference.update_8bit_blockwise`` for flat element ``i``."""
         raw_g = _ir.load_f32(load_g, i)
         p_old = _ir.load_f32(load_p, i)
@@ -230,7 +231,7 @@ def optimizer_step_8bit_blockwise(
             keep = ops.ne(raw_g, _f32(0.0))
             new_p = ops.where(keep, new_p, p_old)
             new1 = [ops.where(keep, new1[0], s1(0))]
-        return _Update8bit(new_p, new1, new2)
+        return _Update(new_p, new1, new2)
 
     whole = _ir.statically_multiple_of(n, BLOCK)
 
@@ -294,7 +295,7 @@ def optimizer_step_32bit(
     load_g, load_p, load_s1 = _ir.flat_loader(g), _ir.flat_loader(p), _ir.flat_loader(state1)
     load_s2 = _ir.flat_loader(state2) if two_state else None
 
-    def update(i: sympy.Expr) -> _Update8bit:
+    def update(i: sympy.Expr) -> _Update:
         raw_g = _ir.load_f32(load_g, i)
         p_old = _ir.load_f32(load_p, i)
         p32 = p_old
@@ -319,7 +320,7 @@ def optimizer_step_32bit(
             new_p = ops.where(keep, new_p, p_old)
             new1 = [ops.where(keep, s, s1(r)) for r, s in enumerate(new1)]
             new2 = None if new2 is None else ops.where(keep, new2, s2)
-        return _Update8bit(new_p, new1, new2)
+        return _Update(new_p, new1, new2)
 
     new_p = _ir.pointwise(device, p_dtype, lambda idx: ops.to_dtype(update(idx[0]).p, p_dtype), [n])
     if rows == 1:
