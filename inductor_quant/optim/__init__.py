@@ -5,6 +5,24 @@
 forms, and ``LAMB`` / ``LARS`` (32-bit). All are ``torch.optim.Optimizer`` subclasses: param
 groups, LR schedulers, ``state_dict`` / ``load_state_dict`` and ``torch.compile`` of the step work
 as with torch's own optimizers. See :mod:`inductor_quant.optim.optimizer` for the state layout.
+
+Compiled training step: pass the learning rate as a tensor (as for torch's optimizers), so an LR
+scheduler updates it in place and the compiled graph never recompiles::
+
+    opt = inductor_quant.optim.AdamW8bit(model.parameters(), lr=torch.tensor(1e-3))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+
+    @torch.compile(fullgraph=True)
+    def opt_step():
+        opt.step()
+
+    for batch in data:
+        loss_fn(model, batch).backward()
+        opt_step()
+        sched.step()
+        opt.zero_grad()
+
+A float ``lr`` works too, but then every new value is a new graph.
 """
 
 from .optimizer import QUANT_STATE_KEY, Optimizer8bit, ademamix_schedule
