@@ -20,6 +20,7 @@ import argparse
 import importlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -197,7 +198,8 @@ def _add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("which", nargs="?", choices=("all", *_BENCH_SCRIPTS), default="all", help="which benchmark (default all)")
     parser.add_argument("--out", default=".", metavar="DIR", help="directory for the JSON results (default: current directory)")
     parser.add_argument("--tools-dir", default=None, help="the repository's tools/ directory (default: found next to the package)")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="arguments after -- go to the benchmark scripts")
+    parser.add_argument("--script-args", default="", metavar="ARGS",
+                        help="extra arguments for the scripts, as one string (e.g. --script-args='--only quant')")
     parser.set_defaults(func=_run_bench)
     return parser
 
@@ -215,7 +217,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if tools is None or not tools.is_dir():
         return _error("bench", "tools/ not found: the benchmarks ship with the source checkout, not the wheel (pass --tools-dir)")
     names = list(_BENCH_SCRIPTS) if args.which == "all" else [args.which]
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    extra = shlex.split(args.script_args)
     os.makedirs(args.out, exist_ok=True)
     status = 0
     for name in names:

@@ -183,6 +183,25 @@ def test_bench_without_gpu(capsys):
     assert "no CUDA GPU" in err and "tools" in err
 
 
+def test_bench_runs_the_scripts_with_a_gpu(tmp_path, monkeypatch, capsys):
+    """The GPU branch: each script runs in a subprocess with --json DIR/bench_<name>.json plus
+    --script-args; a missing script is reported and makes the exit status non-zero."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "bench_kernels.py").write_text(
+        "import json, sys\n"
+        "json.dump(sys.argv[1:], open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "results"
+    status = cli.main(["bench", "--tools-dir", str(tools), "--out", str(out), "--script-args=--only quant"])
+    assert status == cli.EXIT_UNAVAILABLE  # bench_e2e.py is missing from this tools dir
+    assert "bench_e2e.py does not exist" in capsys.readouterr().err
+    argv = json.loads((out / "bench_kernels.json").read_text())
+    assert argv == ["--json", str(out / "bench_kernels.json"), "--only", "quant"]
+    assert cli.main(["bench", "kernels", "--tools-dir", str(tools), "--out", str(out)]) == 0
+
+
 def test_tools_dir_is_found_in_the_checkout():
     tools = cli.find_tools_dir()
     assert tools is not None and (tools / "bench_kernels.py").is_file()
