@@ -63,7 +63,8 @@ def test_dequantize_linear_m1_is_one_kernel(dtype):
     launched = cuda_kernels_launched(compiled, x, packed, absmax)
     assert len(launched) == 1, launched
     expected = F.linear(x.float(), ref_fourbit.dequantize_4bit(packed, absmax, 64, "nf4", [N, K], dtype).float())
-    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    # K = 4096 terms of size ~1 cancel to outputs near 0, so compare norms (bf16/fp16 operands: < 1e-2).
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
 def test_adamw_8bit_step_is_one_kernel_per_tensor():

@@ -382,21 +382,12 @@ def _split_k(tiles: int, K: int, block_k: int, block_m: int, device: torch.devic
     return split
 
 
-_COUNTERS: dict = {}
-
-
 def _counters(tiles: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the split-K reduction, one buffer per (device, stream).
+    """Zeroed int32 arrival counters for the split-K reduction, allocated per call.
 
-    The kernel resets every counter it uses, so the buffer is reused without a memset; launches on
-    one stream are ordered, and each stream has its own buffer."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
+    A buffer cached across calls would outlive a CUDA-graph capture (cudagraph trees reject
+    allocations from their pool that are not graph outputs); the memset is one tiny launch."""
+    return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
