@@ -131,3 +131,27 @@ def test_lowered_quant_ops_match_the_reference_on_gpu():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     want_weight = ref_fourbit.dequantize_4bit(want_packed, want_absmax4, 64, "nf4", list(x.shape), torch.bfloat16)
     torch.testing.assert_close(weight, want_weight, rtol=0, atol=0)
+
+
+def test_first_use_inside_cudagraph_warmup():
+    """A model whose first 4-bit matmul runs inside ``mode="reduce-overhead"`` (cudagraph trees):
+    the kernels' cached device tables must not land in the graph's private pool."""
+    from inductor_quant.kernels import fourbit as fourbit_kernels
+    from inductor_quant.ops import triton_gemm
+
+    fourbit_kernels._device_tables.cache_clear()
+    triton_gemm._code_table.cache_clear()
+    N, K = 512, 256
+    packed, absmax = ref_fourbit.quantize_4bit(torch.randn(N, K), 64, "nf4", torch.uint8)
+    packed, absmax = packed.cuda(), absmax.cuda()
+    x = torch.randn(4, K, device="cuda", dtype=torch.bfloat16)
+
+    def fn(x):
+        return F.linear(x, iq.dequantize_4bit(packed, absmax, 64, "nf4", [N, K], x.dtype))
+
+    torch._dynamo.reset()
+    compiled = iq_compile(fn, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        out = compiled(x).clone()
+    expected = fn(x).float()
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..code_tables import FP4_RANK_TO_CODE, FP4_THRESHOLDS, code_midpoints, get_4bit_code
+from ._constants import to_device_constant
 from .blockwise import block_absmax, device_guard, load_tile, normalize_blocks_split, store_tile
 
 __all__ = [
@@ -77,12 +78,12 @@ def _bucket_table_cpu(quant_type: str) -> torch.Tensor:
 def bucket_table(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
     """int64 ``[64]``: low word the fp32 bits of the bucket's threshold (+inf if none), high word
     ``below | above << 4`` (the 4-bit codes on either side of it)."""
-    return _bucket_table_cpu(quant_type).to(device)
+    return to_device_constant(_bucket_table_cpu(quant_type), device)
 
 
 @functools.lru_cache(maxsize=None)
 def _device_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return bucket_table(quant_type, device), get_4bit_code(quant_type, device)
+    return bucket_table(quant_type, device), to_device_constant(get_4bit_code(quant_type), device)
 
 
 def code_table(quant_type: str, device: torch.device | str) -> torch.Tensor:

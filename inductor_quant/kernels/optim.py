@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._constants import to_device_constant
+
 __all__ = [
     "BLOCKSIZE",
     "FORMULAS",
@@ -694,7 +696,7 @@ def _build_search_tables(qmap1: torch.Tensor, qmap2: torch.Tensor) -> SearchTabl
         search = SEARCH_TREE
         mids = torch.stack([_eytzinger(m) for m in midpoints])
     device = qmap1.device
-    return SearchTables(mids.to(device), lut.to(device), search, min(k, MAX_BUCKET_CODES), int((maps[0] < 0).sum()))
+    return SearchTables(to_device_constant(mids, device), to_device_constant(lut, device), search, min(k, MAX_BUCKET_CODES), int((maps[0] < 0).sum()))
 
 
 _TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, SearchTables]] = OrderedDict()
@@ -822,7 +824,7 @@ def _program_table(rows: Sequence[tuple[int, ...]], chunk: int, steps: tuple[int
     table = torch.zeros((index.numel(), _COLUMNS.value), dtype=torch.int64)
     table[:, : _N + 1] = base[index] + chunk_index[:, None] * advance
     aligned = bool((base[:, : _A1] % 16 == 0).all())
-    plan = (table.to(device), aligned)
+    plan = (to_device_constant(table, device), aligned)
     _PLAN_CACHE[key] = plan
     if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
         _PLAN_CACHE.popitem(last=False)

@@ -14,6 +14,7 @@ from torch.library import register_kernel
 
 from ..code_tables import get_4bit_code
 from ..kernels import gemm as kernels
+from ..kernels._constants import to_device_constant
 from ..reference import fourbit as reference
 from ._checks import check_out
 from .gemm import GEMM_4BIT, GEMV_4BIT, NESTED_BLOCKSIZE, check_gemm_4bit, check_gemv_4bit
@@ -54,9 +55,9 @@ def _checked_gemm(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit
 
 @functools.lru_cache(maxsize=None)
 def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The 16-entry table of ``quant_type`` on ``device``, made once (no copy per call, and none
-    inside a CUDA graph capture after the first eager call)."""
-    return get_4bit_code(quant_type, device)
+    """The 16-entry table of ``quant_type`` on ``device``, made once (no copy per call), outside
+    any CUDA-graph memory pool (``kernels/_constants.py``)."""
+    return to_device_constant(get_4bit_code(quant_type), device)
 
 
 def _has_device_kernel(op: str, device: torch.device) -> bool:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..code_tables import dynamic_map
+from ..lowerings import register_lowerings
 from ..reference.optim import OPTIMIZER_8BIT_BLOCKSIZE, OPTIMIZERS_8BIT, OPTIMIZERS_32BIT, TWO_STATE_OPTIMIZERS
 
 __all__ = ["Optimizer8bit", "QUANT_STATE_KEY", "QUANT_STATE_KEYS"]
@@ -114,6 +115,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         if optimizer_name == "ademamix":
             defaults.update(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
         super().__init__(params, defaults)
+        # A compiled step() is only fused into one kernel per tensor if Inductor knows how to
+        # lower the functional step ops; registering is idempotent and touches no config.
+        register_lowerings()
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
