@@ -397,6 +397,24 @@ def _train(opt, params, steps, seed, scale=1.0):
         opt.step()
 
 
+def _assert_states_close(opt_a, params_a, opt_b, params_b):
+    """Compiled (Inductor-lowered) vs eager steps: the C++ kernels may round ``sqrt`` and fused
+    multiply-adds differently from eager torch, so ``p`` and fp32 states may differ by an ulp and an
+    8-bit code may move by one step where a value sits on a boundary."""
+    for pa, pb in zip(params_a, params_b):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert set(sa) == set(sb)
+        for key in sa:
+            a, b = torch.as_tensor(sa[key]), torch.as_tensor(sb[key])
+            assert a.dtype == b.dtype, key
+            if a.dtype == torch.uint8:
+                off = (a.int() - b.int()).abs()
+                assert off.max() <= 1 and (off > 0).float().mean() < 1e-2, key
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=key)
+
+
 def _assert_states_identical(opt_a, params_a, opt_b, params_b):
     for pa, pb in zip(params_a, params_b):
         assert torch.equal(pa, pb)
@@ -644,8 +662,8 @@ COMPILED_CASES = [
 
 def test_compiled_step_matches_eager_and_never_recompiles():
     """``torch.compile(fullgraph=True)`` of a function calling ``opt.step()`` (three optimizers in
-    one graph: 8-bit + fp32 states, AdEMAMix schedules, LAMB's update norm): same parameters and
-    states as eager, and one graph for 20 steps while schedulers change tensor learning rates."""
+    one graph: 8-bit + fp32 states, AdEMAMix schedules, LAMB's update norm): parameters and
+    states close to eager (see _assert_states_close), and one graph for 20 steps while schedulers change tensor learning rates."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled, eager, schedulers = [], [], []
@@ -681,6 +699,6 @@ def test_compiled_step_matches_eager_and_never_recompiles():
     assert len(lrs) >= 10  # the learning rates really changed
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     for (compiled_opt, compiled_p), (eager_opt, eager_p), (cls, _, _) in zip(compiled, eager, COMPILED_CASES):
-        _assert_states_identical(compiled_opt, compiled_p, eager_opt, eager_p)
+        _assert_states_close(compiled_opt, compiled_p, eager_opt, eager_p)
         assert compiled_opt.state[compiled_p[0]]["state1"].dtype == (torch.float32 if cls is optim.LAMB32bit else torch.uint8)
         assert int(compiled_opt.state[compiled_p[0]]["step"]) == 20
