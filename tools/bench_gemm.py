@@ -13,7 +13,6 @@ against dequantize + F.linear for growing M (the ``FUSED_MAX_M`` threshold).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -319,15 +318,13 @@ def _cpu_us_per_call(fn, calls: int = 200) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default="bench_gemm.json", help="where to write the results")
+    parser = benchlib.cli_parser(__doc__, "bench_gemm.json", "where to write the results")
     parser.add_argument("--sweep", action="store_true", help="time every tile config and the M crossover")
     parser.add_argument("--profile", choices=("gemv", "dot"), help="only launch one kernel (for ncu)")
     parser.add_argument("--quick", action="store_true", help="with --sweep: only the configs still in contention")
     parser.add_argument("--host-profile", action="store_true", help="cProfile the ops' eager host path")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_gemm: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
+    if benchlib.cuda_missing("bench_gemm"):
         return 2
     if args.profile:
         profile(args.profile)
@@ -335,9 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.host_profile:
         host_profile()
         return 0
-    copy_bw = benchlib.measure_copy_bandwidth()
-    meta = {**benchlib.environment(), "copy_bandwidth_TBps": copy_bw / 1e12}
-    print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    copy_bw, meta = benchlib.device_setup()
     if args.sweep:
         import json
 

@@ -9,12 +9,9 @@ of copy bandwidth) and writes the rows as JSON.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,16 +21,12 @@ FAMILIES = ("quant", "gemm", "optim")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default="bench_kernels.json", help="where to write the rows")
+    parser = benchlib.cli_parser(__doc__, "bench_kernels.json")
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_kernels: no CUDA device; these benchmarks need a GPU", file=sys.stderr)
+    if benchlib.cuda_missing("bench_kernels", "these benchmarks need a GPU"):
         return 2
-    copy_bw = benchlib.measure_copy_bandwidth()
-    meta = {**benchlib.environment(), "copy_bandwidth_TBps": copy_bw / 1e12}
-    print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    copy_bw, meta = benchlib.device_setup()
     rows: list[benchlib.Row] = []
     for family in args.only.split(","):
         module = importlib.import_module(f"bench_{family}")

@@ -26,7 +26,6 @@ bucket or tree search) and prints them.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -265,19 +264,15 @@ def sweep(copy_bw: float) -> list[benchlib.Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchlib.cli_parser(__doc__, "bench_optim.json")
     parser.add_argument("--check", action="store_true", help="compare one step with bitsandbytes first")
     parser.add_argument("--sweep", action="store_true", help="also time launch variants")
-    parser.add_argument("--json", default="bench_optim.json", help="where to write the rows")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_optim: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
+    if benchlib.cuda_missing("bench_optim"):
         return 2
     import inductor_quant  # noqa: F401
 
-    copy_bw = benchlib.measure_copy_bandwidth()
-    meta = {**benchlib.environment(), "copy_bandwidth_TBps": copy_bw / 1e12}
-    print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    copy_bw, meta = benchlib.device_setup()
     bnb = _bnb_ops()
     if args.check and bnb is not None:
         check(bnb)

@@ -17,7 +17,6 @@ each shape before timing; ``--sweep`` also times launch-configuration variants o
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -250,18 +249,14 @@ def sweep(copy_bw: float, shapes=SWEEP_SHAPES) -> list[benchlib.Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchlib.cli_parser(__doc__, "bench_quant.json")
     parser.add_argument("--check", action="store_true", help="compare with the reference and bitsandbytes first")
     parser.add_argument("--sweep", action="store_true", help="also time launch-configuration variants")
-    parser.add_argument("--json", default="bench_quant.json", help="where to write the rows")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_quant: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
+    if benchlib.cuda_missing("bench_quant"):
         return 2
     ok = check() if args.check else True
-    copy_bw = benchlib.measure_copy_bandwidth()
-    meta = {**benchlib.environment(), "copy_bandwidth_TBps": copy_bw / 1e12}
-    print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    copy_bw, meta = benchlib.device_setup()
     rows = sweep(copy_bw) if args.sweep else []
     rows += run(copy_bw)
     benchlib.write_json(args.json, rows, meta)

@@ -7,7 +7,9 @@ bandwidth measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -86,3 +88,26 @@ def environment() -> dict:
     except ImportError:
         info["bitsandbytes"] = None
     return info
+
+
+def cli_parser(doc: str | None, json_default: str, json_help: str = "where to write the rows") -> argparse.ArgumentParser:
+    """The argument parser every benchmark script starts from: its docstring as the description
+    and ``--json``, the path the results are written to."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=json_default, help=json_help)
+    return parser
+
+
+def cuda_missing(prog: str, needs: str = "this benchmark needs a GPU") -> bool:
+    """True (after saying so on stderr) when there is no CUDA device; the scripts then exit with 2."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{prog}: no CUDA device; {needs}", file=sys.stderr)
+    return True
+
+
+def device_setup() -> tuple[float, dict]:
+    """Measure the copy bandwidth, print it, and return it with the run's metadata for the JSON."""
+    copy_bw = measure_copy_bandwidth()
+    print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    return copy_bw, {**environment(), "copy_bandwidth_TBps": copy_bw / 1e12}
