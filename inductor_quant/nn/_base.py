@@ -20,14 +20,17 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from ..ops._checks import FLOAT_DTYPES, MAX_BLOCKSIZE, MIN_BLOCKSIZE
-from ..quant_state import CheckpointFormatError
+from ..quant_state import BlockwiseState, CheckpointFormatError, QuantState
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+_Layer = TypeVar("_Layer", bound="QuantizedLinear")
 
 
 def check_float_dtype(dtype: torch.dtype | None, name: str) -> None:
@@ -50,7 +53,7 @@ class QuantizedLinear(nn.Module, abc.ABC):
     The output is returned in the input's dtype.
 
     Subclasses set ``quant_tensor_names`` (the weight and every state tensor) and implement
-    ``set_weight``, ``dequantize_weight``, ``quantized_state_dict`` and ``load_quantized``.
+    ``quant_state``, ``_quantize``, ``_adopt``, ``_linear``, ``dequantize_weight`` and ``load_quantized``.
     """
 
     quant_tensor_names: tuple[str, ...] = ("weight",)
@@ -96,29 +99,78 @@ class QuantizedLinear(nn.Module, abc.ABC):
                 nn.init.uniform_(self.bias, -bound, bound)
         return weight
 
+    @classmethod
+    def _from_linear(cls: type[_Layer], linear: nn.Linear, **config: Any) -> _Layer:
+        """A ``cls`` layer built with ``config`` holding ``linear``'s weight, quantized on its device
+        (a meta linear gives an empty meta layer); the bias parameter is shared, not copied."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            device="meta",
+            dtype=linear.weight.dtype if linear.weight.dtype.is_floating_point else None,
+            **config,
+        )
+        with torch.no_grad():
+            layer.set_weight(linear.weight)
+        layer.bias = linear.bias
+        return layer
+
+    @property
     @abc.abstractmethod
-    def set_weight(self, weight: torch.Tensor) -> None:
-        """Quantize a full-precision ``[out_features, in_features]`` weight into the layer."""
+    def quant_state(self) -> QuantState | BlockwiseState:
+        """The weight's quantization state (a view of the layer's tensors)."""
+
+    @abc.abstractmethod
+    def _quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, QuantState | BlockwiseState]:
+        """Quantize a detached full-precision weight with the layer's configuration: ``(packed, state)``."""
+
+    @abc.abstractmethod
+    def _adopt(self, packed: torch.Tensor, state: QuantState | BlockwiseState) -> None:
+        """Install packed data and its state, taking the configuration from them."""
+
+    @abc.abstractmethod
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ dequantize(weight).T + bias`` with ``x`` and ``bias`` already in the compute dtype."""
 
     @abc.abstractmethod
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full-precision ``[out_features, in_features]`` weight the layer computes with."""
 
     @abc.abstractmethod
-    def quantized_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weight entries of the checkpoint, keys relative to the module (``weight``, ``weight.absmax``, ...)."""
-
-    @abc.abstractmethod
     def load_quantized(self, weight: torch.Tensor, entries: Mapping[str, torch.Tensor], prefix: str, device: torch.device) -> None:
         """Validate and adopt a packed ``weight`` and its ``weight.*`` ``entries`` (keys without
         the ``weight.`` prefix) on ``device``; raise :class:`CheckpointFormatError` naming ``prefix + key``."""
 
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a full-precision ``[out_features, in_features]`` weight (on its device) into the layer."""
+        if tuple(weight.shape) != tuple(self.weight_shape):
+            raise ValueError(f"weight must have shape {tuple(self.weight_shape)}, got {tuple(weight.shape)}")
+        self._adopt(*self._quantize(weight.detach()))
+
+    def quantized_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weight entries of the checkpoint, keys relative to the module (``weight``, ``weight.absmax``, ...)."""
+        entries = {"weight": self.weight}
+        for key, value in self.quant_state.as_dict(packed=True).items():
+            entries["weight." + key] = value
+        return entries
+
+    def _check_checkpoint_shape(self, shape: torch.Size, key: str) -> None:
+        """Raise :class:`CheckpointFormatError` naming ``key`` unless a checkpoint's weight ``shape`` is this layer's."""
+        if tuple(shape) != tuple(self.weight_shape):
+            raise CheckpointFormatError(
+                f"{key}: the checkpoint's weight has shape {tuple(shape)}, this layer is {tuple(self.weight_shape)} "
+                "(out_features, in_features)"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype if self.compute_dtype is not None else x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return self._linear(x.to(dtype), bias).to(x.dtype)
+
     @property
     def weight_shape(self) -> list[int]:
         return [self.out_features, self.in_features]
-
-    def _compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
-        return self.compute_dtype if self.compute_dtype is not None else x.dtype
 
     def _apply(self, fn, recurse=True):
         # nn.Module casts every floating-point tensor on .half()/.to(dtype): that would corrupt the

@@ -107,22 +107,14 @@ class Linear4bit(QuantizedLinear):
         """Quantize an ``nn.Linear`` (on its device; a meta linear gives an empty meta layer).
 
         The bias parameter is shared with ``linear``, not copied."""
-        layer = Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=False,
+        return Linear4bit._from_linear(
+            linear,
             compute_dtype=compute_dtype,
             compress_statistics=compress_statistics,
             quant_type=quant_type,
             quant_storage=quant_storage,
             blocksize=blocksize,
-            device="meta",
-            dtype=linear.weight.dtype if linear.weight.dtype.is_floating_point else None,
         )
-        with torch.no_grad():
-            layer.set_weight(linear.weight)
-        layer.bias = linear.bias
-        return layer
 
     @property
     def nested(self) -> bool:
@@ -147,7 +139,6 @@ class Linear4bit(QuantizedLinear):
         )
 
     def _adopt(self, packed: torch.Tensor, state: QuantState) -> None:
-        """Install packed data and its state, taking the configuration from them."""
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.absmax = state.absmax
         self.quant_map = state.code
@@ -160,38 +151,24 @@ class Linear4bit(QuantizedLinear):
         self.quant_storage = packed.dtype
         self.weight_dtype = state.dtype
 
-    def set_weight(self, weight: torch.Tensor) -> None:
-        """Quantize a full-precision ``[out_features, in_features]`` weight (on its device) into the layer."""
-        if tuple(weight.shape) != tuple(self.weight_shape):
-            raise ValueError(f"weight must have shape {tuple(self.weight_shape)}, got {tuple(weight.shape)}")
-        packed, state = quantize_4bit(
-            weight.detach(),
+    def _quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, QuantState]:
+        return quantize_4bit(
+            weight,
             blocksize=self.blocksize,
             quant_type=self.quant_type,
             compress_statistics=self.compress_statistics,
             quant_storage=self.quant_storage,
         )
-        self._adopt(packed, state)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The ``[out_features, in_features]`` weight the layer computes with, in ``dtype``
         (default: the original weight dtype)."""
         return _dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
 
-    def quantized_state_dict(self) -> dict[str, torch.Tensor]:
-        entries = {"weight": self.weight}
-        for key, value in self.quant_state.as_dict(packed=True).items():
-            entries["weight." + key] = value
-        return entries
-
     def load_quantized(self, weight: torch.Tensor, entries: Mapping[str, torch.Tensor], prefix: str, device: torch.device) -> None:
         state = QuantState.from_dict(entries, device=device, prefix=prefix + "weight.")
         blob = next((key for key in entries if key.startswith("quant_state.")), "quant_state")
-        if tuple(state.shape) != tuple(self.weight_shape):
-            raise CheckpointFormatError(
-                f"{prefix}weight.{blob}: the checkpoint's weight has shape {tuple(state.shape)}, this layer "
-                f"is {tuple(self.weight_shape)} (out_features, in_features)"
-            )
+        self._check_checkpoint_shape(state.shape, f"{prefix}weight.{blob}")
         n = state.shape.numel()
         nbytes = weight.numel() * weight.element_size()
         if weight.dtype not in STORAGE_DTYPES or nbytes != (n + 1) // 2:
@@ -210,34 +187,28 @@ class Linear4bit(QuantizedLinear):
         )
         return inner + self.offset
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype
-        dtype = self._compute_dtype_for(x)
-        x = x.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if torch.compiler.is_compiling():
             weight = torch.ops.inductor_quant.dequantize_4bit(
-                self.weight, self._absmax_fp32(), self.blocksize, self.quant_type, self.weight_shape, dtype
+                self.weight, self._absmax_fp32(), self.blocksize, self.quant_type, self.weight_shape, x.dtype
             )
-            out = F.linear(x, weight, bias)
-        elif self.nested_absmax is None:
-            out = torch.ops.inductor_quant.gemm_4bit(
+            return F.linear(x, weight, bias)
+        if self.nested_absmax is None:
+            return torch.ops.inductor_quant.gemm_4bit(
                 x, self.weight, self.weight_shape, self.absmax, self.blocksize, self.quant_type, bias
             )
-        else:
-            out = torch.ops.inductor_quant.gemm_4bit(
-                x,
-                self.weight,
-                self.weight_shape,
-                self.nested_absmax,
-                self.blocksize,
-                self.quant_type,
-                bias,
-                self.absmax,
-                self.nested_quant_map,
-                self.offset,
-            )
-        return out.to(out_dtype)
+        return torch.ops.inductor_quant.gemm_4bit(
+            x,
+            self.weight,
+            self.weight_shape,
+            self.nested_absmax,
+            self.blocksize,
+            self.quant_type,
+            bias,
+            self.absmax,
+            self.nested_quant_map,
+            self.offset,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -246,41 +217,44 @@ class Linear4bit(QuantizedLinear):
         )
 
 
-class LinearNF4(Linear4bit):
+class _FixedQuantType4bit(Linear4bit):
+    """``Linear4bit`` whose ``quant_type`` is the class attribute ``fixed_quant_type``."""
+
+    fixed_quant_type: str
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        blocksize: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            compute_dtype,
+            compress_statistics,
+            self.fixed_quant_type,
+            quant_storage,
+            blocksize,
+            device,
+            dtype,
+        )
+
+
+class LinearNF4(_FixedQuantType4bit):
     """``Linear4bit`` with ``quant_type="nf4"`` (bitsandbytes' ``LinearNF4``)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        compute_dtype: torch.dtype | None = None,
-        compress_statistics: bool = True,
-        quant_storage: torch.dtype = torch.uint8,
-        blocksize: int = 64,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_features, out_features, bias, compute_dtype, compress_statistics, "nf4", quant_storage, blocksize, device, dtype
-        )
+    fixed_quant_type = "nf4"
 
 
-class LinearFP4(Linear4bit):
+class LinearFP4(_FixedQuantType4bit):
     """``Linear4bit`` with ``quant_type="fp4"`` (bitsandbytes' ``LinearFP4``)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        compute_dtype: torch.dtype | None = None,
-        compress_statistics: bool = True,
-        quant_storage: torch.dtype = torch.uint8,
-        blocksize: int = 64,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_features, out_features, bias, compute_dtype, compress_statistics, "fp4", quant_storage, blocksize, device, dtype
-        )
+    fixed_quant_type = "fp4"

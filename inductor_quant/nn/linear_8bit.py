@@ -59,19 +59,7 @@ class Linear8bit(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, *, compute_dtype: torch.dtype | None = None, blocksize: int = 256) -> Linear8bit:
         """Quantize an ``nn.Linear`` (on its device); the bias parameter is shared, not copied."""
-        layer = Linear8bit(
-            linear.in_features,
-            linear.out_features,
-            bias=False,
-            compute_dtype=compute_dtype,
-            blocksize=blocksize,
-            device="meta",
-            dtype=linear.weight.dtype if linear.weight.dtype.is_floating_point else None,
-        )
-        with torch.no_grad():
-            layer.set_weight(linear.weight)
-        layer.bias = linear.bias
-        return layer
+        return Linear8bit._from_linear(linear, compute_dtype=compute_dtype, blocksize=blocksize)
 
     @property
     def quant_state(self) -> BlockwiseState:
@@ -91,30 +79,16 @@ class Linear8bit(QuantizedLinear):
         self.blocksize = state.blocksize
         self.weight_dtype = state.dtype
 
-    def set_weight(self, weight: torch.Tensor) -> None:
-        """Quantize a full-precision ``[out_features, in_features]`` weight (on its device) into the layer."""
-        if tuple(weight.shape) != tuple(self.weight_shape):
-            raise ValueError(f"weight must have shape {tuple(self.weight_shape)}, got {tuple(weight.shape)}")
-        codes, state = quantize_blockwise(weight.detach(), blocksize=self.blocksize)
-        self._adopt(codes, state)
+    def _quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, BlockwiseState]:
+        return quantize_blockwise(weight, blocksize=self.blocksize)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The ``[out_features, in_features]`` weight the layer computes with."""
         return _dequantize_blockwise(self.weight, self.quant_state, dtype=dtype)
 
-    def quantized_state_dict(self) -> dict[str, torch.Tensor]:
-        entries = {"weight": self.weight}
-        for key, value in self.quant_state.as_dict(packed=True).items():
-            entries["weight." + key] = value
-        return entries
-
     def load_quantized(self, weight: torch.Tensor, entries: Mapping[str, torch.Tensor], prefix: str, device: torch.device) -> None:
         state = BlockwiseState.from_dict(entries, device=device, prefix=prefix + "weight.")
-        if tuple(state.shape) != tuple(self.weight_shape):
-            raise CheckpointFormatError(
-                f"{prefix}weight.quant_state.inductor_quant__blockwise8: the checkpoint's weight has shape "
-                f"{tuple(state.shape)}, this layer is {tuple(self.weight_shape)} (out_features, in_features)"
-            )
+        self._check_checkpoint_shape(state.shape, f"{prefix}weight.quant_state.inductor_quant__blockwise8")
         if weight.dtype != torch.uint8 or tuple(weight.shape) != tuple(self.weight_shape):
             raise CheckpointFormatError(
                 f"{prefix}weight: expected uint8 codes of shape {tuple(self.weight_shape)}, got "
@@ -122,12 +96,9 @@ class Linear8bit(QuantizedLinear):
             )
         self._adopt(weight.detach().to(device), state)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype
-        dtype = self._compute_dtype_for(x)
-        weight = torch.ops.inductor_quant.dequantize_blockwise(self.weight, self.absmax, self.quant_map, self.blocksize, dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), weight, bias).to(out_dtype)
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = torch.ops.inductor_quant.dequantize_blockwise(self.weight, self.absmax, self.quant_map, self.blocksize, x.dtype)
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, blocksize={self.blocksize}"

@@ -25,6 +25,7 @@ scheduler updates it in place and the compiled graph never recompiles::
 A float ``lr`` works too, but then every new value is a new graph.
 """
 
+from . import optimizers
 from .optimizer import QUANT_STATE_KEY, Optimizer8bit, ademamix_schedule
 from .optimizers import (
     LAMB,
@@ -54,17 +55,5 @@ from .optimizers import (
     SGD32bit,
 )
 
-__all__ = [
-    "QUANT_STATE_KEY",
-    "Optimizer8bit",
-    "ademamix_schedule",
-    "Adam", "Adam8bit", "Adam32bit",
-    "AdamW", "AdamW8bit", "AdamW32bit",
-    "Lion", "Lion8bit", "Lion32bit",
-    "AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit",
-    "SGD", "SGD8bit", "SGD32bit",
-    "RMSprop", "RMSprop8bit", "RMSprop32bit",
-    "Adagrad", "Adagrad8bit", "Adagrad32bit",
-    "LAMB", "LAMB32bit",
-    "LARS", "LARS32bit",
-]
+__all__ = ["QUANT_STATE_KEY", "Optimizer8bit", "ademamix_schedule"]
+__all__ += optimizers.__all__
