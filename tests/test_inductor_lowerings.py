@@ -7,13 +7,11 @@ dequantize followed by elementwise work must be one kernel.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch._inductor import config as inductor_config
-from torch._inductor.utils import run_and_get_code
 
+from conftest import compiled, kernel_count
 from inductor_quant.code_tables import dynamic_map
 from inductor_quant.lowerings import register_lowerings
 
@@ -21,30 +19,10 @@ iq = torch.ops.inductor_quant
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _inductor(tmp_path_factory):
-    """Lowerings on, a private Inductor cache for this module, no FX graph cache (every compile
-    must run the lowering), compiles in-process, scalar C++ (it builds in half the time of the
-    vectorized code; ``test_quantize_lowerings_bit_exact`` also runs the vectorized code)."""
+def _inductor(inductor_cpp):
+    """Lowerings on, in conftest's Inductor setup (scalar C++; ``test_quantize_lowerings_bit_exact``
+    also runs the vectorized code)."""
     register_lowerings()
-    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
-    with inductor_config.patch(fx_graph_cache=False, compile_threads=1, **{"cpp.simdlen": 1}):
-        yield
-    if old is None:
-        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    else:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
-
-
-def compiled(fn, *args, dynamic=False):
-    """Compile ``fn`` (fullgraph), run it once, return (outputs, generated source)."""
-    torch._dynamo.reset()
-    out, source = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=dynamic), *args)
-    return out, "\n".join(source)
-
-
-def kernel_count(source: str) -> int:
-    return source.count("async_compile.cpp_pybinding(")
 
 
 def assert_lowered(source: str, op: str) -> None:

@@ -10,13 +10,11 @@ and lars parameters are bit-identical.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from torch._inductor import config as inductor_config
 from torch._inductor.utils import run_and_get_code
 
+from conftest import compiled, kernel_count
 from inductor_quant.code_tables import dynamic_map
 from inductor_quant.lowerings import register_lowerings
 from inductor_quant.ops.optim_functional import step_8bit_blockwise
@@ -39,27 +37,9 @@ NONNEGATIVE_STATE1 = ("rmsprop", "adagrad")  # state1 holds a second moment
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _inductor(tmp_path_factory):
-    """Lowerings on, a private Inductor cache, no FX graph cache, in-process scalar C++ builds."""
+def _inductor(inductor_cpp):
+    """Lowerings on, in conftest's Inductor setup (private cache, in-process scalar C++ builds)."""
     register_lowerings()
-    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
-    with inductor_config.patch(fx_graph_cache=False, compile_threads=1, **{"cpp.simdlen": 1}):
-        yield
-    if old is None:
-        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    else:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
-
-
-def compiled(fn, *args):
-    torch._dynamo.reset()
-    out, source = run_and_get_code(torch.compile(fn, fullgraph=True), *args)
-    return out, "\n".join(source)
-
-
-def kernel_count(source: str) -> int:
-    return source.count("async_compile.cpp_pybinding(")
 
 
 def scalars(lr=1e-2, step=3, beta3=0.9999, alpha=5.0):

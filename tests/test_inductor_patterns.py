@@ -30,18 +30,7 @@ iq = torch.ops.inductor_quant
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _inductor(tmp_path_factory):
-    """A private Inductor cache for this module, no FX graph cache (every compile must run the
-    passes), compiles in-process, scalar C++ (faster builds)."""
-    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
-    with inductor_config.patch(fx_graph_cache=False, compile_threads=1, **{"cpp.simdlen": 1}):
-        yield
-    if old is None:
-        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    else:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("inductor_cpp")  # conftest: private cache, scalar C++ builds
 
 
 def run_compiled(fn, *args, **compile_kwargs):
