@@ -112,6 +112,7 @@ def multi_tensor_update_8bit_blockwise(
     check_code_table(qmap1, "qmap1", 256)
     if two_state:
         check_code_table(qmap2, "qmap2", 256)
+    formula = kernels.FORMULAS[optimizer_name]
     stacked = 2 if optimizer_name == "ademamix" else 1
     maps_ok = qmap1.is_contiguous() and (not two_state or qmap2.is_contiguous())
     groups: dict[tuple, list[tuple[int, ...]]] = {}
@@ -137,10 +138,7 @@ def multi_tensor_update_8bit_blockwise(
         if not ok:
             one(i)
         elif n:
-            s1_ptr, a1_ptr = s1.data_ptr(), a1.data_ptr()
-            s1b, a1b = (s1_ptr + n, a1_ptr + 4 * blocks) if stacked == 2 else (s1_ptr, a1_ptr)
-            s2_ptr, a2_ptr = (s2.data_ptr(), a2.data_ptr()) if two_state else (s1_ptr, a1_ptr)
-            row = (g.data_ptr(), p.data_ptr(), s1_ptr, s1b, s2_ptr, a1_ptr, a1b, a2_ptr, n)
+            row = kernels.row_8bit(formula, g, p, s1, s2, a1, a2)
             groups.setdefault((device, dtype, steps[i]), []).append(row)
     for (device, dtype, group_step), rows in groups.items():
         kernels.launch_multi_8bit(
@@ -215,6 +213,7 @@ def multi_tensor_update_32bit(
         for i in range(count):
             one(i)
         return
+    formula = kernels.FORMULAS[optimizer_name]
     stacked = 2 if optimizer_name == "ademamix" else 1
     groups: dict[tuple, list[tuple[int, ...]]] = {}
     for i, p in enumerate(params):
@@ -231,10 +230,7 @@ def multi_tensor_update_32bit(
         if not ok:
             one(i)
         elif n:
-            s1_ptr = s1.data_ptr()
-            row = (g.data_ptr(), p.data_ptr(), s1_ptr, s1_ptr + 4 * n if stacked == 2 else s1_ptr,
-                   s2.data_ptr() if two_state else s1_ptr, 0, 0, 0, n)
-            groups.setdefault((device, dtype, steps[i]), []).append(row)
+            groups.setdefault((device, dtype, steps[i]), []).append(kernels.row_32bit(formula, g, p, s1, s2))
     for (device, dtype, group_step), rows in groups.items():
         kernels.launch_multi_32bit(
             optimizer_name, rows, dtype, device, beta1, beta2, beta3, alpha, eps, group_step, lr, weight_decay,

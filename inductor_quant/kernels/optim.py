@@ -52,6 +52,8 @@ __all__ = [
     "update_32bit",
     "multi_update_8bit_blockwise",
     "multi_update_32bit",
+    "row_8bit",
+    "row_32bit",
     "rows_8bit",
     "rows_32bit",
     "launch_multi_8bit",
@@ -362,25 +364,15 @@ def _update_8bit_tile(
 
 
 @triton.jit
-def _update_8bit_chunk(
+def _update_8bit_span(
     g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr,
-    negatives, n, chunk,
+    negatives, remaining,
     first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
     OPT: tl.constexpr, HAS_WD: tl.constexpr, SKIP_ZEROS: tl.constexpr, EXACT_BF16: tl.constexpr,
     BLOCKS: tl.constexpr, SEARCH: tl.constexpr, K: tl.constexpr, GATHER: tl.constexpr, GATHER_LUT: tl.constexpr,
 ):
-    """Chunk ``chunk`` (``BLOCKS`` blocks, int64 offsets) of one tensor of ``n`` elements."""
-    block0 = chunk * BLOCKS
-    start = block0 * 256
-    remaining = n - start
-    g_ptr += start
-    p_ptr += start
-    s1_ptr += start
-    s1b_ptr += start
-    s2_ptr += start
-    a1_ptr += block0
-    a1b_ptr += block0
-    a2_ptr += block0
+    """The chunk at the (already advanced) pointers, ``remaining`` (int64) elements left in its
+    tensor: a full chunk runs the unmasked tile, a tensor's last one the masked tile."""
     if remaining >= BLOCKS * 256:
         _update_8bit_tile(
             g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr,
@@ -405,9 +397,21 @@ def _update_8bit_kernel(
     OPT: tl.constexpr, HAS_WD: tl.constexpr, SKIP_ZEROS: tl.constexpr, EXACT_BF16: tl.constexpr,
     BLOCKS: tl.constexpr, SEARCH: tl.constexpr, K: tl.constexpr, GATHER: tl.constexpr, GATHER_LUT: tl.constexpr,
 ):
-    _update_8bit_chunk(
+    """Program ``pid`` updates chunk ``pid`` (``BLOCKS`` blocks, int64 offsets) of the ``n`` elements."""
+    block0 = tl.program_id(0).to(tl.int64) * BLOCKS
+    start = block0 * 256
+    remaining = n - start
+    g_ptr += start
+    p_ptr += start
+    s1_ptr += start
+    s1b_ptr += start
+    s2_ptr += start
+    a1_ptr += block0
+    a1b_ptr += block0
+    a2_ptr += block0
+    _update_8bit_span(
         g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr,
-        negatives, n, tl.program_id(0).to(tl.int64),
+        negatives, remaining,
         first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
         OPT, HAS_WD, SKIP_ZEROS, EXACT_BF16, BLOCKS, SEARCH, K, GATHER, GATHER_LUT,
     )
@@ -433,20 +437,12 @@ def _multi_update_8bit_kernel(
     a1b_ptr = _pointer(row, 6, tl.float32, False)
     a2_ptr = _pointer(row, 7, tl.float32, False)
     remaining = tl.load(row + 8)
-    if remaining >= BLOCKS * 256:
-        _update_8bit_tile(
-            g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr,
-            negatives, BLOCKS * 256,
-            first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
-            OPT, HAS_WD, SKIP_ZEROS, EXACT_BF16, BLOCKS, SEARCH, K, GATHER, GATHER_LUT, False,
-        )
-    else:
-        _update_8bit_tile(
-            g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr,
-            negatives, remaining.to(tl.int32),
-            first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
-            OPT, HAS_WD, SKIP_ZEROS, EXACT_BF16, BLOCKS, SEARCH, K, GATHER, GATHER_LUT, True,
-        )
+    _update_8bit_span(
+        g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr,
+        negatives, remaining,
+        first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
+        OPT, HAS_WD, SKIP_ZEROS, EXACT_BF16, BLOCKS, SEARCH, K, GATHER, GATHER_LUT,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,21 +527,14 @@ def _update_32bit_tile(
 
 
 @triton.jit
-def _update_32bit_chunk(
-    g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, unorm_ptr, partial_ptr, n, chunk,
+def _update_32bit_span(
+    g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, unorm_ptr, partial_ptr, remaining,
     first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
     norm_bound, norm_eps,
     OPT: tl.constexpr, HAS_WD: tl.constexpr, SKIP_ZEROS: tl.constexpr, NORM: tl.constexpr, PHASE: tl.constexpr,
     EXACT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    start = chunk * BLOCK
-    remaining = n - start
-    g_ptr += start
-    p_ptr += start
-    s1_ptr += start
-    s1b_ptr += start
-    s2_ptr += start
-    partial_ptr += chunk
+    """As ``_update_8bit_span``: the unmasked tile for a full chunk, the masked one for the last."""
     if remaining >= BLOCK:
         _update_32bit_tile(
             g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, unorm_ptr, partial_ptr, BLOCK,
@@ -568,8 +557,18 @@ def _update_32bit_kernel(
     OPT: tl.constexpr, HAS_WD: tl.constexpr, SKIP_ZEROS: tl.constexpr, NORM: tl.constexpr, PHASE: tl.constexpr,
     EXACT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    _update_32bit_chunk(
-        g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, unorm_ptr, partial_ptr, n, tl.program_id(0).to(tl.int64),
+    """Program ``pid`` updates chunk ``pid`` (``BLOCK`` elements, int64 offsets) of the ``n`` elements."""
+    chunk = tl.program_id(0).to(tl.int64)
+    start = chunk * BLOCK
+    remaining = n - start
+    g_ptr += start
+    p_ptr += start
+    s1_ptr += start
+    s1b_ptr += start
+    s2_ptr += start
+    partial_ptr += chunk
+    _update_32bit_span(
+        g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, unorm_ptr, partial_ptr, remaining,
         first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
         norm_bound, norm_eps, OPT, HAS_WD, SKIP_ZEROS, NORM, PHASE, EXACT_BF16, BLOCK,
     )
@@ -590,18 +589,11 @@ def _multi_update_32bit_kernel(
     s1b_ptr = _pointer(row, 3, tl.float32, ALIGNED)
     s2_ptr = _pointer(row, 4, tl.float32, ALIGNED)
     remaining = tl.load(row + 8)
-    if remaining >= BLOCK:
-        _update_32bit_tile(
-            g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, s1_ptr, s1_ptr, BLOCK,
-            first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
-            0.0, 0.0, OPT, HAS_WD, SKIP_ZEROS, False, 0, EXACT_BF16, BLOCK, False,
-        )
-    else:
-        _update_32bit_tile(
-            g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, s1_ptr, s1_ptr, remaining.to(tl.int32),
-            first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
-            0.0, 0.0, OPT, HAS_WD, SKIP_ZEROS, False, 0, EXACT_BF16, BLOCK, True,
-        )
+    _update_32bit_span(
+        g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, s1_ptr, s1_ptr, remaining,
+        first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
+        0.0, 0.0, OPT, HAS_WD, SKIP_ZEROS, False, 0, EXACT_BF16, BLOCK,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,14 +795,20 @@ _PLAN_CACHE_SIZE = 16
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _program_table(rows: Sequence[tuple[int, ...]], chunk: int, steps: tuple[int, ...], device: torch.device):
+def _program_table(
+    rows: Sequence[tuple[int, ...]], chunk: int, p_dtype: torch.dtype, state_steps: tuple[int, ...],
+    device: torch.device,
+):
     """``(program_table, aligned)`` for one multi-tensor launch, cached by the rows.
 
     ``rows[t]`` = ``(g, p, s1, s1b, s2, a1, a1b, a2, n)`` (byte addresses); a tensor of ``n``
     elements gets ``ceil(n / chunk)`` programs, whose rows hold the addresses advanced by
-    ``c * steps`` for chunk ``c`` and ``n - c * chunk`` elements left. The table is a function of
-    the key (rows, chunk, steps) alone, so a cache hit is always valid, also for new tensors that
-    reuse old memory."""
+    ``c * steps`` for chunk ``c`` and ``n - c * chunk`` elements left, where ``steps`` is
+    ``chunk`` elements of ``p_dtype`` for ``g`` and ``p``, then ``state_steps`` bytes for the other
+    six columns. The table is a function of the key (rows, chunk, steps) alone, so a cache hit is
+    always valid, also for new tensors that reuse old memory."""
+    size = torch.empty((), dtype=p_dtype).element_size()
+    steps = (size * chunk, size * chunk) + state_steps
     key = (device, chunk, steps, tuple(rows))
     plan = _PLAN_CACHE.get(key)
     if plan is not None:
@@ -831,6 +829,29 @@ def _program_table(rows: Sequence[tuple[int, ...]], chunk: int, steps: tuple[int
     return plan
 
 
+def row_8bit(
+    formula: int, g: torch.Tensor, p: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None, a1: torch.Tensor,
+    a2: torch.Tensor | None,
+) -> tuple[int, ...]:
+    """Row ``(g, p, s1, s1b, s2, a1, a1b, a2, n)`` of byte addresses of one non-empty tensor
+    (``formula``: a ``FORMULAS`` value; ``s2``/``a2`` are read only for 2-state formulas)."""
+    n = p.numel()
+    s1_ptr, a1_ptr = s1.data_ptr(), a1.data_ptr()
+    s1b, a1b = (s1_ptr + n, a1_ptr + 4 * ((n + BLOCKSIZE - 1) // BLOCKSIZE)) if formula == 1 else (s1_ptr, a1_ptr)
+    s2_ptr, a2_ptr = (s2.data_ptr(), a2.data_ptr()) if formula in _TWO_STATE else (s1_ptr, a1_ptr)
+    return (g.data_ptr(), p.data_ptr(), s1_ptr, s1b, s2_ptr, a1_ptr, a1b, a2_ptr, n)
+
+
+def row_32bit(
+    formula: int, g: torch.Tensor, p: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None,
+) -> tuple[int, ...]:
+    """Row ``(g, p, s1, s1b, s2, 0, 0, 0, n)`` of byte addresses of one non-empty tensor, as :func:`row_8bit`."""
+    n = p.numel()
+    s1_ptr = s1.data_ptr()
+    s2_ptr = s2.data_ptr() if formula in _TWO_STATE else s1_ptr
+    return (g.data_ptr(), p.data_ptr(), s1_ptr, s1_ptr + 4 * n if formula == 1 else s1_ptr, s2_ptr, 0, 0, 0, n)
+
+
 def rows_8bit(
     optimizer_name: str, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
     states1: Sequence[torch.Tensor], states2: Sequence[torch.Tensor] | None,
@@ -838,16 +859,12 @@ def rows_8bit(
 ) -> list[tuple[int, ...]]:
     """Per-tensor rows ``(g, p, s1, s1b, s2, a1, a1b, a2, n)`` of byte addresses (empty tensors skipped)."""
     formula = FORMULAS[optimizer_name]
-    rows = []
-    for i, p in enumerate(params):
-        n = p.numel()
-        if n == 0:
-            continue
-        s1, a1 = states1[i].data_ptr(), absmax1s[i].data_ptr()
-        s1b, a1b = (s1 + n, a1 + 4 * ((n + BLOCKSIZE - 1) // BLOCKSIZE)) if formula == 1 else (s1, a1)
-        s2, a2 = (states2[i].data_ptr(), absmax2s[i].data_ptr()) if formula in _TWO_STATE else (s1, a1)
-        rows.append((grads[i].data_ptr(), p.data_ptr(), s1, s1b, s2, a1, a1b, a2, n))
-    return rows
+    two_state = formula in _TWO_STATE
+    return [
+        row_8bit(formula, grads[i], p, states1[i], states2[i] if two_state else None, absmax1s[i],
+                 absmax2s[i] if two_state else None)
+        for i, p in enumerate(params) if p.numel()
+    ]
 
 
 def rows_32bit(
@@ -856,15 +873,11 @@ def rows_32bit(
 ) -> list[tuple[int, ...]]:
     """Per-tensor rows ``(g, p, s1, s1b, s2, 0, 0, 0, n)`` of byte addresses (empty tensors skipped)."""
     formula = FORMULAS[optimizer_name]
-    rows = []
-    for i, p in enumerate(params):
-        n = p.numel()
-        if n == 0:
-            continue
-        s1 = states1[i].data_ptr()
-        s2 = states2[i].data_ptr() if formula in _TWO_STATE else s1
-        rows.append((grads[i].data_ptr(), p.data_ptr(), s1, s1 + 4 * n if formula == 1 else s1, s2, 0, 0, 0, n))
-    return rows
+    two_state = formula in _TWO_STATE
+    return [
+        row_32bit(formula, grads[i], p, states1[i], states2[i] if two_state else None)
+        for i, p in enumerate(params) if p.numel()
+    ]
 
 
 def launch_multi_8bit(
@@ -880,9 +893,8 @@ def launch_multi_8bit(
         return
     formula = FORMULAS[optimizer_name]
     chunk = BLOCKS_8BIT * BLOCKSIZE
-    size = torch.empty((), dtype=p_dtype).element_size()
-    steps = (size * chunk, size * chunk, chunk, chunk, chunk, 4 * BLOCKS_8BIT, 4 * BLOCKS_8BIT, 4 * BLOCKS_8BIT)
-    table, aligned = _program_table(rows, chunk, steps, device)
+    state_steps = (chunk, chunk, chunk, 4 * BLOCKS_8BIT, 4 * BLOCKS_8BIT, 4 * BLOCKS_8BIT)
+    table, aligned = _program_table(rows, chunk, p_dtype, state_steps, device)
     tables = search_tables(qmap1, qmap2)
     _multi_update_8bit_kernel[(table.shape[0],)](
         table, qmap1, qmap1 if qmap2 is None else qmap2, tables.lut, tables.mids, tables.negatives,
@@ -904,9 +916,7 @@ def launch_multi_32bit(
         return
     formula = FORMULAS[optimizer_name]
     chunk = BLOCK_32BIT
-    size = torch.empty((), dtype=p_dtype).element_size()
-    steps = (size * chunk, size * chunk, 4 * chunk, 4 * chunk, 4 * chunk, 0, 0, 0)
-    table, aligned = _program_table(rows, chunk, steps, device)
+    table, aligned = _program_table(rows, chunk, p_dtype, (4 * chunk, 4 * chunk, 4 * chunk, 0, 0, 0), device)
     _multi_update_32bit_kernel[(table.shape[0],)](
         table, *_scalars(formula, beta1, beta2, beta3, alpha, eps, step, lr, weight_decay, gnorm_scale),
         P_DTYPE=_TL_DTYPES[p_dtype], OPT=formula, HAS_WD=weight_decay > 0, SKIP_ZEROS=skip_zeros,
