@@ -165,12 +165,17 @@ def check_dequantize_4bit(packed, absmax, blocksize, quant_type, n, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-@SETTINGS
-@given(
+ROUNDTRIP = dict(  # the inputs both round-trip tests draw
     n=st.integers(1, 40_000),
     blocksize=st.sampled_from(BLOCKSIZES),
     dtype=st.sampled_from(FLOATS),
     out_dtype=st.sampled_from(FLOATS),
+)
+
+
+@SETTINGS
+@given(
+    **ROUNDTRIP,
     signed=st.booleans(),
     search=st.sampled_from(("bucket", "bsearch")),
     specials=st.booleans(),
@@ -186,10 +191,7 @@ def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, s
 
 @SETTINGS
 @given(
-    n=st.integers(1, 40_000),
-    blocksize=st.sampled_from(BLOCKSIZES),
-    dtype=st.sampled_from(FLOATS),
-    out_dtype=st.sampled_from(FLOATS),
+    **ROUNDTRIP,
     quant_type=st.sampled_from(("nf4", "fp4")),
     specials=st.booleans(),
 )

@@ -186,6 +186,14 @@ def _source_cell(sources: list) -> str:
     return "<br>".join(_esc(source.describe()) for source in sources) or "-"
 
 
+def _table(headers: tuple[str, ...], rows: list[str], empty: str = "none") -> list[str]:
+    """HTML lines of a table with a header row and ``rows`` (each a ``<tr>``), or a paragraph
+    saying ``empty`` when there are no rows."""
+    if not rows:
+        return [f"<p>{empty}</p>"]
+    return ["<table><tr>" + "".join(f"<th>{h}</th>" for h in headers) + "</tr>", *rows, "</table>"]
+
+
 def _graph_section(index: int, graph: CompiledGraph) -> str:
     anchors = {kernel.name: f"g{index}-k{i}" for i, kernel in enumerate(graph.kernels)}
     flagged = {status.node: status.reason for status in graph.unfused}
@@ -207,43 +215,34 @@ def _graph_section(index: int, graph: CompiledGraph) -> str:
     out.append("</div>")
 
     out.append("<h3>Pattern matches</h3>")
-    if graph.matches:
-        out.append("<table><tr><th>pattern</th><th>count</th><th>source</th></tr>")
-        for match in graph.matches:
-            out.append(f"<tr><td>{_esc(match.pattern)}</td><td>{match.count}</td><td>{_source_cell(match.sources)}</td></tr>")
-        out.append("</table>")
-    else:
-        out.append("<p>none</p>")
+    out += _table(
+        ("pattern", "count", "source"),
+        [f"<tr><td>{_esc(m.pattern)}</td><td>{m.count}</td><td>{_source_cell(m.sources)}</td></tr>" for m in graph.matches],
+    )
 
     out.append("<h3>Pass decisions</h3>")
-    if graph.decisions:
-        out.append("<table><tr><th>pattern</th><th>node</th><th>op</th><th>action</th><th>reason</th></tr>")
-        for decision in graph.decisions:
-            css = "good" if decision.action == "rewritten" else "bad" if decision.action == "not rewritten" else ""
-            out.append(
-                f"<tr><td>{_esc(decision.pattern)}</td><td>{_esc(decision.node)}</td><td>{_esc(decision.op)}</td>"
-                f'<td class="{css}">{_esc(decision.action)}</td><td>{_esc(decision.reason)}</td></tr>'
-            )
-        out.append("</table>")
-    else:
-        out.append("<p>none recorded</p>")
+    rows = []
+    for decision in graph.decisions:
+        css = "good" if decision.action == "rewritten" else "bad" if decision.action == "not rewritten" else ""
+        rows.append(
+            f"<tr><td>{_esc(decision.pattern)}</td><td>{_esc(decision.node)}</td><td>{_esc(decision.op)}</td>"
+            f'<td class="{css}">{_esc(decision.action)}</td><td>{_esc(decision.reason)}</td></tr>'
+        )
+    out += _table(("pattern", "node", "op", "action", "reason"), rows, empty="none recorded")
 
     out.append("<h3>Quantized ops</h3>")
-    if graph.quant_ops:
-        out.append("<table><tr><th>node</th><th>op</th><th>status</th><th>kernel</th><th>reason</th><th>source</th></tr>")
-        for status in graph.quant_ops:
-            css = "good" if status.fused else "bad"
-            kernel = (
-                f'<a href="#{anchors[status.kernel]}">{_esc(status.kernel)}</a>' if status.kernel in anchors else _esc(status.kernel or "-")
-            )
-            source = _esc(status.source.describe()) if status.source else "-"
-            out.append(
-                f'<tr><td>{_esc(status.node)}</td><td>{_esc(status.op)}</td><td class="{css}">{_esc(status.status)}</td>'
-                f"<td>{kernel}</td><td>{_esc(status.reason)}</td><td>{source}</td></tr>"
-            )
-        out.append("</table>")
-    else:
-        out.append("<p>none</p>")
+    rows = []
+    for status in graph.quant_ops:
+        css = "good" if status.fused else "bad"
+        kernel = (
+            f'<a href="#{anchors[status.kernel]}">{_esc(status.kernel)}</a>' if status.kernel in anchors else _esc(status.kernel or "-")
+        )
+        source = _esc(status.source.describe()) if status.source else "-"
+        rows.append(
+            f'<tr><td>{_esc(status.node)}</td><td>{_esc(status.op)}</td><td class="{css}">{_esc(status.status)}</td>'
+            f"<td>{kernel}</td><td>{_esc(status.reason)}</td><td>{source}</td></tr>"
+        )
+    out += _table(("node", "op", "status", "kernel", "reason", "source"), rows)
 
     out.append("<h3>Kernels</h3>")
     for kernel in graph.kernels:
