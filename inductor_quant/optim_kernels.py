@@ -21,11 +21,10 @@ import torch
 
 from .kernels import optim as kernels
 from .ops._checks import FLOAT_DTYPES, check_code_table
+from .ops._library import TRITON_DEVICES
 from .reference.optim import OPTIMIZER_8BIT_BLOCKSIZE, OPTIMIZERS_8BIT, OPTIMIZERS_32BIT, TWO_STATE_OPTIMIZERS
 
 __all__ = ["multi_tensor_update_8bit_blockwise", "multi_tensor_update_32bit"]
-
-TRITON_DEVICES = ("cuda", "xpu")
 
 
 def _as_list(values: Sequence | None, name: str, count: int, required: bool) -> list:

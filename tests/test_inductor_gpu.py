@@ -67,21 +67,39 @@ def test_dequantize_linear_m1_is_one_kernel(dtype):
     assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
-def test_adamw_8bit_step_is_one_kernel_per_tensor():
-    """The compiled 8-bit AdamW step over three parameters: three Inductor kernels (dequantize ->
-    update -> absmax -> requantize -> store, per tensor), three CUDA launches, results close to
-    the eager op (one code step where fp contraction moves a value across a boundary)."""
-    register_lowerings()
+def _adam_states(shapes):
     qmap1, qmap2 = dynamic_map(True, "cuda"), dynamic_map(False, "cuda")
-    shapes = [(4096, 1024), (1024,), (256, 4096)]
 
     def state(shape):
-        zeros = torch.zeros(shape, device="cuda")
-        codes1, absmax1 = iq.quantize_blockwise(zeros, qmap1, 256)
-        codes2, absmax2 = iq.quantize_blockwise(zeros, qmap2, 256)
+        codes1, absmax1 = iq.quantize_blockwise(torch.randn(shape, device="cuda") * 1e-3, qmap1, 256)
+        codes2, absmax2 = iq.quantize_blockwise(torch.rand(shape, device="cuda") * 1e-5, qmap2, 256)
         return [torch.randn(shape, device="cuda"), codes1, codes2, absmax1, absmax2]
 
-    states = [state(s) for s in shapes]
+    return qmap1, qmap2, [state(s) for s in shapes]
+
+
+def _eager_adamw(states, grads, qmap1, qmap2, lr, step):
+    for (p, s1, s2, a1, a2), g in zip(states, grads):
+        iq.optimizer_update_8bit_blockwise("adam", g, p, s1, s2, 0.9, 0.999, 0.0, 0.0, 1e-8, step, lr, qmap1, qmap2, a1, a2, 0.01, 1.0)
+
+
+def _assert_states_match(got_states, want_states):
+    """p within a few ulp of the update; codes equal but for a rare 1-code step; absmax equal."""
+    for got, want in zip(got_states, want_states):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        for codes_got, codes_want in ((got[1], want[1]), (got[2], want[2])):
+            off = (codes_got.int() - codes_want.int()).abs()
+            assert off.max() <= 1 and (off > 0).float().mean() < 1e-3
+        torch.testing.assert_close(got[3], want[3], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got[4], want[4], rtol=1e-6, atol=0)
+
+
+def test_adamw_8bit_step_is_one_kernel_per_tensor():
+    """The compiled 8-bit AdamW step over three parameters (``step_8bit_blockwise``, tensor lr and
+    step): Inductor calls the in-place op on the state buffers, no generated kernel and no copy,
+    so each tensor is one launch of the hand-written fused kernel; results equal the eager op."""
+    shapes = [(4096, 1024), (1024,), (256, 4096)]
+    qmap1, qmap2, states = _adam_states(shapes)
     eager = [[t.clone() for t in s] for s in states]
     grads = [torch.randn(s, device="cuda") * 0.01 for s in shapes]
     lr = torch.tensor(1e-3, dtype=torch.float64, device="cuda")
@@ -96,18 +114,80 @@ def test_adamw_8bit_step_is_one_kernel_per_tensor():
     compiled = torch.compile(adamw_step, fullgraph=True)
     _, source = run_and_get_code(compiled, states, grads, lr, step)
     source = "\n".join(source)
-    FileCheck().check_not("torch.ops.inductor_quant.optimizer_step_8bit_blockwise.default(").run(source)
-    assert triton_kernel_count(source) == len(shapes), source
-    for (p, s1, s2, a1, a2), g in zip(eager, grads):
-        iq.optimizer_update_8bit_blockwise("adam", g, p, s1, s2, 0.9, 0.999, 0.0, 0.0, 1e-8, 1, 1e-3, qmap1, qmap2, a1, a2, 0.01, 1.0)
-    for got, want in zip(states, eager):
-        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-        for codes_got, codes_want in ((got[1], want[1]), (got[2], want[2])):
-            off = (codes_got.int() - codes_want.int()).abs()
-            assert off.max() <= 1 and (off > 0).float().mean() < 1e-3
-        torch.testing.assert_close(got[3], want[3], rtol=1e-6, atol=0)
-        torch.testing.assert_close(got[4], want[4], rtol=1e-6, atol=0)
-    assert len(cuda_kernels_launched(compiled, states, grads, lr, step)) == len(shapes)
+    FileCheck().check_count("torch.ops.inductor_quant.optimizer_step_8bit_blockwise_.default(", len(shapes), exactly=True).run(source)
+    assert triton_kernel_count(source) == 0, source
+    _eager_adamw(eager, grads, qmap1, qmap2, 1e-3, 1)
+    _assert_states_match(states, eager)
+    launched = cuda_kernels_launched(compiled, states, grads, lr, step)
+    assert len(launched) == len(shapes) and all("update_8bit" in name for name in launched), launched
+
+
+def test_adamw_8bit_step_replays_in_a_cuda_graph_with_new_lr_and_step():
+    """The in-place step reads lr and step on the device: captured once in a CUDA graph, every
+    replay with new values equals the eager op with those values (no host sync, no recapture)."""
+    shapes = [(3000,), (64, 256)]
+    qmap1, qmap2, states = _adam_states(shapes)
+    eager = [[t.clone() for t in s] for s in states]
+    grads = [torch.randn(s, device="cuda") * 0.01 for s in shapes]
+    lr = torch.tensor(1e-3, dtype=torch.float64, device="cuda")
+    step = torch.tensor(1.0, device="cuda")
+
+    def adamw_step():
+        for (p, s1, s2, a1, a2), g in zip(states, grads):
+            step_8bit_blockwise("adam", g, p, s1, s2, qmap1, qmap2, a1, a2, lr=lr, step=step,
+                                beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+
+    warm = [[t.clone() for t in s] for s in states]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        adamw_step()  # first call builds the cached tables outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    for state, saved in zip(states, warm):
+        for t, v in zip(state, saved):
+            t.copy_(v)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        adamw_step()
+    for i, value in enumerate([1e-3, 3e-4, 2e-3]):
+        lr.fill_(value)
+        step.fill_(i + 1)
+        graph.replay()
+        _eager_adamw(eager, grads, qmap1, qmap2, value, i + 1)
+        torch.cuda.synchronize()
+        _assert_states_match(states, eager)
+        for state, want in zip(states, eager):
+            state[0].copy_(want[0])  # keep both on one trajectory
+
+
+def test_mutating_8bit_update_is_left_to_the_handwritten_kernel_on_gpu():
+    """Under inductor_quant.compile on GPU the optimizer-chain pass leaves the mutating 8-bit op
+    (Inductor calls it in place) and records why; the 32-bit one is still rewritten and lowered."""
+    from inductor_quant.patterns import records
+
+    qmap1, qmap2, [(p, s1, s2, a1, a2)] = _adam_states([(64, 256)])
+    g = torch.randn(64, 256, device="cuda") * 0.01
+    p32, g32, m32 = (torch.randn(1000, device="cuda") for _ in range(3))
+
+    def step(g, p, s1, s2, a1, a2, g32, p32, m32):
+        iq.optimizer_update_8bit_blockwise("adam", g, p, s1, s2, 0.9, 0.999, 0.0, 0.0, 1e-8, 3, 1e-3, qmap1, qmap2, a1, a2, 0.01, 1.0)
+        iq.optimizer_update_32bit("momentum", g32, p32, m32, None, None, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 1e-8, 0.0, 3, 1e-3, 1.0)
+
+    inputs = [g, p, s1, s2, a1, a2, g32, p32, m32]
+    eager, compiled_inputs = [t.clone() for t in inputs], [t.clone() for t in inputs]
+    step(*eager)
+    torch._dynamo.reset()
+    counters.clear()
+    records.clear_fusion_decisions()
+    _, source = run_and_get_code(iq_compile(step, fullgraph=True), *compiled_inputs)
+    source = "\n".join(source)
+    assert dict(counters["inductor_quant"]) == {"functional_optimizer_32bit": 1}
+    assert source.count("torch.ops.inductor_quant.optimizer_update_8bit_blockwise.default(") == 1
+    assert "optimizer_update_32bit.default(" not in source
+    kept = [d for d in records.fusion_decisions() if d.action == "not rewritten"]
+    assert len(kept) == 1 and "hand-written kernel" in kept[0].reason
+    for got, want in zip(compiled_inputs, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_lowered_quant_ops_match_the_reference_on_gpu():

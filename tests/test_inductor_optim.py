@@ -94,6 +94,15 @@ def test_opcheck_optimizer_step_8bit_blockwise(name):
     torch.library.opcheck(iq.optimizer_step_8bit_blockwise.default, args)
 
 
+@pytest.mark.parametrize("name", ["adam", "ademamix", "lion"])
+def test_opcheck_optimizer_step_8bit_blockwise_inplace(name):
+    g, p, s1, s2, a1, a2 = state_8bit(name, (16, 32), torch.float32)
+    qmap2 = dynamic_map(signed=False) if s2 is not None else None
+    b1, b2 = HYPER[name]
+    args = (name, g, p, s1, s2, dynamic_map(), qmap2, a1, a2, *scalars()[:2], b1, b2, *scalars()[2:], 1e-8, 0.01, 1.0, False)
+    torch.library.opcheck(iq.optimizer_step_8bit_blockwise_.default, args)
+
+
 @pytest.mark.parametrize("name, max_unorm", [("adam", 0.0), ("lamb", 1.0), ("momentum", 0.0)])
 def test_opcheck_optimizer_step_32bit(name, max_unorm):
     p, g = torch.randn(16, 8), torch.randn(16, 8) * 0.1
@@ -278,6 +287,39 @@ def test_handwritten_8bit_adam_chain_fuses():
     assert_param_close("adam", compiled_args[0], eager_args[0], p)
     for a, e in zip(compiled_args[2:], eager_args[2:]):
         assert_bit_equal(a, e)
+
+
+@pytest.mark.parametrize("name", ["adam", "ademamix"])
+def test_inplace_step_op_compiles_in_place_or_fused(name):
+    """``optimizer_step_8bit_blockwise_`` (what ``step_8bit_blockwise`` calls on GPU) under plain
+    ``torch.compile``: Inductor calls it once, in place on the inputs (no copy kernels; on GPU
+    the hand-written kernel). Under ``inductor_quant.compile`` on CPU the optimizer-chain pass
+    turns it into the functional step, lowered to one kernel. Both equal the eager op."""
+    from inductor_quant.compile import compile as iq_compile
+    from torch._dynamo.utils import counters
+
+    qmap1, qmap2 = dynamic_map(signed=True), dynamic_map(signed=False)
+    b1, b2 = HYPER[name]
+    g, p, s1, s2, a1, a2 = state_8bit(name, (64, 64), torch.float32)
+    lr, step, beta3, alpha = scalars()
+
+    def fn(g, p, s1, s2, a1, a2, lr, step):
+        iq.optimizer_step_8bit_blockwise_(name, g, p, s1, s2, qmap1, qmap2, a1, a2, lr, step, b1, b2, beta3, alpha, 1e-8, 0.01, 1.0)
+
+    eager = [t.clone() for t in (g, p, s1, s2, a1, a2)]
+    fn(*eager, lr, step)
+    for compile_fn, calls, kernels in ((torch.compile, 1, 0), (iq_compile, 0, 1)):
+        torch._dynamo.reset()
+        counters.clear()
+        inputs = [t.clone() for t in (g, p, s1, s2, a1, a2)]
+        _, source = run_and_get_code(compile_fn(fn, fullgraph=True), *inputs, lr, step)
+        source = "\n".join(source)
+        assert source.count("torch.ops.inductor_quant.optimizer_step_8bit_blockwise_.default(") == calls
+        assert kernel_count(source) == kernels, source
+        assert counters["inductor_quant"]["functional_optimizer_8bit"] == 1 - calls
+        assert_param_close(name, inputs[1], eager[1], p)
+        for got, want in zip(inputs[2:], eager[2:]):
+            assert_bit_equal(got, want)
 
 
 def test_mutating_updates_are_rewritten_to_functional_steps():

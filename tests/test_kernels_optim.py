@@ -269,6 +269,59 @@ def test_8bit_registered_kernel_checks_and_non_contiguous():
         launch("lamb", g, p_t, s1, None, 0.9, 0.0, 0.0, 0.0, 1e-8, 1, 1e-3, q1, None, a1, None, 0.0, 1.0)
 
 
+def as_device_scalars(h: dict) -> dict:
+    """``h`` with ``lr``, ``step``, ``beta3``, ``alpha`` as 1-element DEVICE tensors of mixed dtypes
+    (the form of the compiled step: the kernel reads them, the host never does)."""
+    return dict(
+        h, lr=torch.tensor([h["lr"]], dtype=torch.float64, device=DEVICE),
+        step=torch.tensor(float(h["step"]), device=DEVICE), beta3=torch.tensor(h["beta3"], dtype=torch.float64, device=DEVICE),
+        alpha=torch.tensor(h["alpha"], device=DEVICE),
+    )
+
+
+@pytest.mark.parametrize("step", [1, 2, 37, 100_000])
+@pytest.mark.parametrize("name", reference.OPTIMIZERS_8BIT)
+def test_8bit_device_scalars_equal_host_scalars(name, step):
+    """Scalars read on the device (bias corrections by squaring in fp64 there) give the same bits
+    as the host's Python-double constants, and match the reference."""
+    gen = torch.Generator().manual_seed(hash((name, step)) % 2**31)
+    case = make_8bit(name, 2 * 2048 + 300, torch.float32, gen)
+    h = hyper(name, gen, step=step)
+    host = run_8bit(name, case, h)
+    device = run_8bit(name, case, as_device_scalars(h))
+    for key, value in host.items():
+        torch.testing.assert_close(device[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert_8bit(device, reference_8bit(name, case, h), case["p"])
+
+
+def test_8bit_inplace_step_op_kernel():
+    """``optimizer_step_8bit_blockwise_``'s GPU registration (tensor scalars) on a non-contiguous
+    parameter equals the CPU op (the reference), and runs the op's checks."""
+    gen = torch.Generator().manual_seed(7)
+    case = make_8bit("adam", 64 * 48, torch.float32, gen)
+    h = as_device_scalars(hyper("adam", gen))
+    cpu = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    scalars_cpu = {k: h[k].cpu() for k in ("lr", "step", "beta3", "alpha")}
+    torch.ops.inductor_quant.optimizer_step_8bit_blockwise_(
+        "adam", cpu["g"], cpu["p"], cpu["state1"], cpu["state2"], cpu["qmap1"], cpu["qmap2"], cpu["absmax1"],
+        cpu["absmax2"], scalars_cpu["lr"], scalars_cpu["step"], h["beta1"], h["beta2"], scalars_cpu["beta3"],
+        scalars_cpu["alpha"], h["eps"], h["weight_decay"], h["gnorm_scale"],
+    )
+    p_t = case["p"].view(64, 48).t().contiguous().to(DEVICE).t()
+    g, s1, s2, a1, a2, q1, q2 = (case[k].to(DEVICE) for k in ("g", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2"))
+    launch = triton_optim._optimizer_step_8bit_blockwise_inplace_triton
+    args = ["adam", g.view(64, 48), p_t, s1.view(64, 48), s2.view(64, 48), q1, q2, a1, a2, h["lr"], h["step"],
+            h["beta1"], h["beta2"], h["beta3"], h["alpha"], h["eps"], h["weight_decay"], h["gnorm_scale"]]
+    launch(*args)
+    assert_param(p_t.cpu().reshape(-1), cpu["p"], case["p"])
+    assert_codes(s1.cpu(), cpu["state1"])
+    assert_codes(s2.cpu(), cpu["state2"])
+    torch.testing.assert_close(a1.cpu(), cpu["absmax1"], rtol=1e-6, atol=0)
+    args[9] = torch.tensor([1e-3, 1e-3], dtype=torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="lr"):
+        launch(*args)
+
+
 # ---------------------------------------------------------------------------------------------
 # 32-bit
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """End-to-end GPU benchmark: batch-1 decode of a Llama-3-8B-shaped stack, and a compiled 8-bit AdamW step.
 
-    python tools/bench_e2e.py [--layers 4] [--steps 64] [--json bench_e2e.json]
+    python tools/bench_e2e.py [--layers 4] [--steps 64] [--json bench_e2e.json] [--variants A,B]
                               [--skip-decode] [--skip-optim] [--opt-numel 67108864]
 
 Decode: the built-in Llama-style model (``inductor_quant.models``) with Llama-3-8B's shapes (dim
@@ -11,6 +11,8 @@ drawn on the GPU, static KV cache: a greedy loop of ``--steps`` single-token ste
 * ``bf16 compiled``: ``torch.compile(mode="reduce-overhead", fullgraph=True)``;
 * ``nf4 compiled (ours)``: every linear but ``lm_head`` quantized by ``quantize_model`` (NF4,
   blocksize 64, double-quantized absmax), ``inductor_quant.compile`` with the same mode;
+* ``nf4 compiled (ours, lm_head too)``: the same with ``lm_head`` quantized as well (what
+  gpt-fast / torchao int4 do; bitsandbytes users usually keep it in bf16);
 * ``nf4 eager (ours)``: the same model uncompiled (our gemm_4bit kernel per linear);
 * ``bnb nf4 eager``: the same layers as ``bitsandbytes.nn.Linear4bit`` (skipped without bnb);
 * ``bnb nf4 compiled``: that model under ``torch.compile`` with the same mode (skipped on error).
@@ -22,9 +24,11 @@ compiled.
 
 Optimizer: one AdamW step (lr 1e-3, wd 0.01) on fp32 parameters with 8-bit blockwise states, as
 one tensor of ``--opt-numel`` elements and as 8 tensors of an eighth each: the compiled step
-through ``step_8bit_blockwise`` (Inductor lowering: one kernel per tensor), the hand-written
-Triton kernel through ``torch.ops.inductor_quant.optimizer_update_8bit_blockwise`` (tensor by
-tensor) and its multi-tensor launcher, and bitsandbytes' op. Bytes: 16 per parameter (p and g
+through ``step_8bit_blockwise`` (on GPU the in-place op: Inductor calls the hand-written kernel
+on the state buffers, one launch per tensor), the same with the functional op + ``copy_`` (the
+kernel Inductor generates from our lowering), the hand-written Triton kernel through
+``torch.ops.inductor_quant.optimizer_update_8bit_blockwise`` (tensor by tensor) and its
+multi-tensor launcher, and bitsandbytes' op. Bytes: 16 per parameter (p and g
 fp32 read, p written, two uint8 states read and written) plus absmax.
 
 Every variant runs in its own ``try``: a failure is reported in the table and the rest still run.
@@ -155,13 +159,13 @@ def time_decode(forward: Callable, steps: int) -> tuple[float, torch.Tensor]:
     return start.elapsed_time(end) * 1e3 / steps, first
 
 
-def decode_results(layers: int, steps: int) -> list[Result]:
+def decode_results(layers: int, steps: int, only: list[str] | None = None) -> list[Result]:
     results: list[Result] = []
     bf16 = build_bf16_model(layers, POSITION + steps + 8)
 
-    def nf4_model() -> torch.nn.Module:
+    def nf4_model(skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
         model = copy.deepcopy(bf16)
-        quantize_model(model, quant_type="nf4", blocksize=64, compress_statistics=True, skip=("lm_head",))
+        quantize_model(model, quant_type="nf4", blocksize=64, compress_statistics=True, skip=skip)
         model.setup_caches(1)
         return model
 
@@ -174,10 +178,13 @@ def decode_results(layers: int, steps: int) -> list[Result]:
     variants = [
         ("bf16 compiled", lambda: bf16, compiled),
         ("nf4 compiled (ours)", nf4_model, ours_compiled),
+        ("nf4 compiled (ours, lm_head too)", lambda: nf4_model(skip=()), ours_compiled),
         ("nf4 eager (ours)", nf4_model, lambda model: model),
         ("bnb nf4 eager", lambda: to_bitsandbytes(bf16), lambda model: model),
         ("bnb nf4 compiled", lambda: to_bitsandbytes(bf16), compiled),
     ]
+    if only:
+        variants = [v for v in variants if v[0] in only or v[0] == "nf4 eager (ours)"]
     logits = {}
     for name, make_model, wrap in variants:
         torch._dynamo.reset()
@@ -185,6 +192,7 @@ def decode_results(layers: int, steps: int) -> list[Result]:
             model = make_model()
             time_us, logits[name] = time_decode(wrap(model), steps)
             results.append(Result("decode", name, time_us, bytes_per_token(model)))
+            print(f"decode {name}: {time_us / 1e3:.3f} ms/token", flush=True)
         except ImportError as error:
             results.append(Result("decode", name, error=f"skipped: {error}"))
         except Exception as error:  # a variant failing must not hide the others
@@ -234,11 +242,19 @@ def optimizer_results(numel: int) -> list[Result]:
         state = AdamState(sizes)
         lr = torch.tensor(LR, dtype=torch.float64, device="cuda")
         step = torch.tensor(10.0, device="cuda")
+        zero = torch.zeros((), device="cuda")
 
         def compiled_step(state=state):
             for p, g, s1, s2, a1, a2 in state.tensors():
                 step_8bit_blockwise("adam", g, p, s1, s2, state.qmap1, state.qmap2, a1, a2, lr=lr, step=step,
                                     beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WD)
+
+        def generated_step(state=state):
+            for p, g, s1, s2, a1, a2 in state.tensors():
+                new = ops.optimizer_step_8bit_blockwise("adam", g, p, s1, s2, state.qmap1, state.qmap2, a1, a2, lr, step,
+                                                        BETA1, BETA2, zero, zero, EPS, WD, 1.0)
+                for target, value in zip((p, s1, a1, s2, a2), new):
+                    target.copy_(value)
 
         def op_step(state=state):
             for p, g, s1, s2, a1, a2 in state.tensors():
@@ -265,6 +281,8 @@ def optimizer_results(numel: int) -> list[Result]:
         torch._dynamo.reset()
         variants = [
             ("compiled step_8bit_blockwise", lambda: torch.compile(compiled_step, fullgraph=True)),
+            ("compiled step_8bit_blockwise (reduce-overhead)", lambda: torch.compile(compiled_step, fullgraph=True, mode="reduce-overhead")),
+            ("compiled functional step (generated kernel)", lambda: torch.compile(generated_step, fullgraph=True)),
             ("hand-written kernel (op per tensor)", lambda: op_step),
             ("hand-written kernel (multi-tensor)", lambda: multi_tensor_step),
             ("bnb op", with_bnb),
@@ -325,6 +343,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the Llama-3-8B-shaped stack (32 = full)")
     parser.add_argument("--steps", type=int, default=64, help="tokens decoded in the timed greedy loop")
     parser.add_argument("--opt-numel", type=int, default=64 * 2**20, help="parameters in the AdamW benchmark")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated decode variants to run (default: all; 'nf4 eager (ours)', the logits "
+                             "reference, always runs)")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-optim", action="store_true")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this path")
@@ -335,7 +356,8 @@ def main() -> None:
         sys.exit("--layers and --steps must be >= 1, --opt-numel a positive multiple of 2048")
 
     copy_bw = benchlib.measure_copy_bandwidth()
-    decode = [] if args.skip_decode else decode_results(args.layers, args.steps)
+    only = None if args.variants is None else [v.strip() for v in args.variants.split(",")]
+    decode = [] if args.skip_decode else decode_results(args.layers, args.steps, only)
     optim = [] if args.skip_optim else optimizer_results(args.opt_numel)
     print(f"\ncopy bandwidth {copy_bw / 1e12:.2f} TB/s; {benchlib.environment()}")
     if decode:

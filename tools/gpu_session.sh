@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# One device call: kernel benchmarks, the GPU-only Inductor tests, the end-to-end benchmark.
-# Usage on the device machine (repo root): bash tools/gpu_session.sh OUT_DIR
-# Each stage has its own time limit so one slow stage cannot starve the others.
+# One device call: kernel benchmarks, the GPU-only tests, the end-to-end benchmarks.
+# Usage on the device machine (repo root): bash tools/gpu_session.sh OUT_DIR [STAGE ...]
+# Stages (default: all, in this order): bench_kernels inductor_gpu_tests optim_gpu_tests
+# bench_optim_e2e bench_decode. Each stage has its own time limit so one slow stage cannot
+# starve the others; DECODE_LAYERS (default 2) sets the decode benchmark's depth.
 set -u
 out="${1:-${OUT:-/tmp/out}}"
+shift || true
+stages="${*:-bench_kernels inductor_gpu_tests optim_gpu_tests bench_optim_e2e bench_decode}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 stage() {  # stage NAME SECONDS CMD...
     local name=$1 limit=$2; shift 2
+    case " $stages " in *" $name "*) ;; *) return ;; esac
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "=== $name exit $?"
@@ -17,5 +22,6 @@ stage() {  # stage NAME SECONDS CMD...
 }
 stage bench_kernels 170 python3 tools/bench_kernels.py --json "$out/bench_kernels.json"
 stage inductor_gpu_tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_inductor_gpu.py
-stage optim_gpu_tests 50 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_optim.py -k "gpu_8bit_vs_bitsandbytes or gpu_32bit_vs_bitsandbytes"
-stage bench_e2e 170 python3 tools/bench_e2e.py --layers 2 --steps 32 --json "$out/bench_e2e.json"
+stage optim_gpu_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_optim.py -k "gpu_8bit_vs_bitsandbytes or gpu_32bit_vs_bitsandbytes or device_scalars or inplace_step"
+stage bench_optim_e2e 120 python3 tools/bench_e2e.py --skip-decode --json "$out/bench_optim_e2e.json"
+stage bench_decode 330 python3 tools/bench_e2e.py --skip-optim --layers "${DECODE_LAYERS:-2}" --steps 32 --json "$out/bench_decode.json"

@@ -390,14 +390,68 @@ def _update_8bit_span(
 
 
 @triton.jit
+def _power(base, exponent):
+    """``base ** exponent`` for an fp64 ``base`` and an int64 ``exponent >= 0``, by squaring
+    (a loop of ``bit_length(exponent)`` scalar steps; exact for exponents 1 and 2)."""
+    result = base * 0.0 + 1.0
+    while exponent > 0:
+        result = tl.where((exponent & 1) == 1, result * base, result)
+        base = base * base
+        exponent = exponent >> 1
+    return result
+
+
+@triton.jit
+def _device_scalars(hyper_ptr, lr_ptr, step_ptr, beta3_ptr, alpha_ptr, OPT: tl.constexpr):
+    """The step-dependent launch scalars of ``_scalars``, from 1-element tensors on the device.
+
+    ``hyper_ptr`` holds ``beta1, beta2, eps, weight_decay`` in fp64: like the host, the bias
+    corrections and ``1 - lr * wd`` are computed in double and rounded to fp32 once. Returns
+    ``first_step, beta3, omb3, alpha, eps, bias1, bias2, lr, decay``."""
+    beta1 = tl.load(hyper_ptr)
+    beta2 = tl.load(hyper_ptr + 1)
+    eps = tl.load(hyper_ptr + 2)
+    wd = tl.load(hyper_ptr + 3)
+    lr = tl.load(lr_ptr).to(tl.float64)
+    step = tl.load(step_ptr).to(tl.int64)
+    beta3 = tl.load(beta3_ptr).to(tl.float64)
+    c1 = 1.0 - _power(beta1, step)
+    c2 = tl.sqrt(1.0 - _power(beta2, step))  # fp64: IEEE sqrt and division (no fast forms)
+    bias1 = c1 * 0.0 + 1.0
+    bias2 = bias1
+    if OPT == ADAM:
+        eps = eps * c2
+        bias1 = c2 / c1
+    elif OPT == ADEMAMIX:
+        bias1 = c1
+        bias2 = c2
+    first_step = (step == 1).to(tl.int32)
+    return (
+        first_step, beta3.to(tl.float32), (1.0 - beta3).to(tl.float32), tl.load(alpha_ptr).to(tl.float32),
+        eps.to(tl.float32), bias1.to(tl.float32), bias2.to(tl.float32), lr.to(tl.float32),
+        (1.0 - lr * wd).to(tl.float32),
+    )
+
+
+@triton.jit
 def _update_8bit_kernel(
     g_ptr, p_ptr, s1_ptr, s1b_ptr, s2_ptr, a1_ptr, a1b_ptr, a2_ptr, qmap1_ptr, qmap2_ptr, lut_ptr, mids_ptr,
     negatives, n,
     first_step, beta1, omb1, beta2, omb2, beta3, omb3, alpha, eps, bias1, bias2, lr, wd, decay, gnorm_scale,
+    hyper_ptr, lr_ptr, step_ptr, beta3_ptr, alpha_ptr,
     OPT: tl.constexpr, HAS_WD: tl.constexpr, SKIP_ZEROS: tl.constexpr, EXACT_BF16: tl.constexpr,
     BLOCKS: tl.constexpr, SEARCH: tl.constexpr, K: tl.constexpr, GATHER: tl.constexpr, GATHER_LUT: tl.constexpr,
+    DEVICE_SCALARS: tl.constexpr,
 ):
-    """Program ``pid`` updates chunk ``pid`` (``BLOCKS`` blocks, int64 offsets) of the ``n`` elements."""
+    """Program ``pid`` updates chunk ``pid`` (``BLOCKS`` blocks, int64 offsets) of the ``n`` elements.
+
+    ``DEVICE_SCALARS``: ``lr``, ``step``, ``beta3`` and ``alpha`` are read from 1-element tensors
+    (``*_ptr``) and the scalars that depend on them derived here (``_device_scalars``), so a
+    compiled step or a CUDA graph replays with new values and the host never syncs."""
+    if DEVICE_SCALARS:
+        first_step, beta3, omb3, alpha, eps, bias1, bias2, lr, decay = _device_scalars(
+            hyper_ptr, lr_ptr, step_ptr, beta3_ptr, alpha_ptr, OPT
+        )
     block0 = tl.program_id(0).to(tl.int64) * BLOCKS
     start = block0 * 256
     remaining = n - start
@@ -718,9 +772,28 @@ def search_tables(qmap1: torch.Tensor, qmap2: torch.Tensor | None) -> SearchTabl
     return tables
 
 
+_HYPER_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _hyper_table(device: torch.device, beta1: float, beta2: float, eps: float, weight_decay: float) -> torch.Tensor:
+    """``[beta1, beta2, eps, weight_decay]`` as an fp64 device tensor (``_device_scalars``),
+    cached per device and values: the hyperparameters of a run are few and fixed."""
+    key = (device, beta1, beta2, eps, weight_decay)
+    table = _HYPER_CACHE.get(key)
+    if table is None:
+        table = to_device_constant(torch.tensor([beta1, beta2, eps, weight_decay], dtype=torch.float64), device)
+        _HYPER_CACHE[key] = table
+        if len(_HYPER_CACHE) > _TABLE_CACHE_SIZE:
+            _HYPER_CACHE.popitem(last=False)
+    else:
+        _HYPER_CACHE.move_to_end(key)
+    return table
+
+
 def update_8bit_blockwise(
     optimizer_name: str, g: torch.Tensor, p: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor | None,
-    beta1: float, beta2: float, beta3: float, alpha: float, eps: float, step: int, lr: float,
+    beta1: float, beta2: float, beta3: float | torch.Tensor, alpha: float | torch.Tensor, eps: float,
+    step: int | torch.Tensor, lr: float | torch.Tensor,
     qmap1: torch.Tensor, qmap2: torch.Tensor | None, absmax1: torch.Tensor, absmax2: torch.Tensor | None,
     weight_decay: float, gnorm_scale: float, skip_zeros: bool = False, *,
     blocks: int | None = None, num_warps: int | None = None, gather: bool | None = None,
@@ -728,12 +801,22 @@ def update_8bit_blockwise(
 ) -> None:
     """In-place 8-bit blockwise update (one launch) of contiguous, already checked tensors.
 
-    The keyword-only arguments override the launch shape and the search tables (tests, tools)."""
+    ``lr``, ``step``, ``beta3`` and ``alpha`` are all Python numbers (baked into the launch) or
+    all 1-element tensors on ``p``'s device, read by the kernel (no host sync; the form the
+    compiled step and CUDA graphs need). The keyword-only arguments override the launch shape
+    and the search tables (tests, tools)."""
     n = p.numel()
     if n == 0:
         return
     formula = FORMULAS[optimizer_name]
-    scalars = _scalars(formula, beta1, beta2, beta3, alpha, eps, step, lr, weight_decay, gnorm_scale)
+    device_scalars = isinstance(lr, torch.Tensor)
+    if device_scalars:
+        scalar_tensors = (lr, step, beta3, alpha)
+        scalars = _scalars(formula, beta1, beta2, 0.0, 0.0, eps, 1, 0.0, weight_decay, gnorm_scale)
+        pointers = (_hyper_table(p.device, beta1, beta2, eps, weight_decay), *scalar_tensors)
+    else:
+        scalars = _scalars(formula, beta1, beta2, beta3, alpha, eps, step, lr, weight_decay, gnorm_scale)
+        pointers = (None,) * 5
     tables = tables or search_tables(qmap1, qmap2)
     blocks = blocks or BLOCKS_8BIT
     nblocks = triton.cdiv(n, BLOCKSIZE)
@@ -742,10 +825,10 @@ def update_8bit_blockwise(
     _update_8bit_kernel[(triton.cdiv(nblocks, blocks),)](
         g, p, flat1, state1b, flat1 if state2 is None else state2, absmax1, absmax1b,
         absmax1 if absmax2 is None else absmax2, qmap1, qmap1 if qmap2 is None else qmap2,
-        tables.lut, tables.mids, tables.negatives, n, *scalars,
+        tables.lut, tables.mids, tables.negatives, n, *scalars, *pointers,
         OPT=formula, HAS_WD=weight_decay > 0, SKIP_ZEROS=skip_zeros, EXACT_BF16=_INTERPRET, BLOCKS=blocks,
         SEARCH=tables.search, K=tables.k, GATHER=GATHER_8BIT if gather is None else gather,
-        GATHER_LUT=GATHER_LUT_8BIT if gather_lut is None else gather_lut,
+        GATHER_LUT=GATHER_LUT_8BIT if gather_lut is None else gather_lut, DEVICE_SCALARS=device_scalars,
         num_warps=num_warps or WARPS_8BIT, maxnreg=_register_cap(formula, maxnreg), enable_fp_fusion=False,
     )
 

@@ -6,6 +6,10 @@ import torch
 
 NAMESPACE = "inductor_quant"
 
+# Devices whose kernels are the Triton ones (``ops/triton_*.py``); every other device runs the
+# CPU reference.
+TRITON_DEVICES = ("cuda", "xpu")
+
 lib = torch.library.Library(NAMESPACE, "DEF")
 
 

@@ -17,9 +17,9 @@ from ..kernels import gemm as kernels
 from ..kernels._constants import to_device_constant
 from ..reference import fourbit as reference
 from ._checks import check_out
+from ._library import TRITON_DEVICES
 from .gemm import GEMM_4BIT, GEMV_4BIT, NESTED_BLOCKSIZE, check_gemm_4bit, check_gemv_4bit
 
-DEVICE_TYPES = ("cuda", "xpu")
 
 # Argument signatures (shapes, dtypes, devices, ints, strings) that passed the checks. The checks
 # read only this metadata, and formatting their messages costs more than a small GEMV runs on the
@@ -154,6 +154,6 @@ def _gemm_4bit_gpu(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absma
     return F.linear(A, weight, bias)
 
 
-register_kernel(GEMV_4BIT, DEVICE_TYPES, _gemv_4bit_gpu)
-register_kernel(f"{GEMV_4BIT}.out", DEVICE_TYPES, _gemv_4bit_out_gpu)
-register_kernel(GEMM_4BIT, DEVICE_TYPES, _gemm_4bit_gpu)
+register_kernel(GEMV_4BIT, TRITON_DEVICES, _gemv_4bit_gpu)
+register_kernel(f"{GEMV_4BIT}.out", TRITON_DEVICES, _gemv_4bit_out_gpu)
+register_kernel(GEMM_4BIT, TRITON_DEVICES, _gemm_4bit_gpu)

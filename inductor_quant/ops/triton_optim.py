@@ -13,14 +13,14 @@ import torch
 from torch.library import register_kernel
 
 from ..kernels import optim as kernels
+from ._library import TRITON_DEVICES
 from .optim import (
     OPTIMIZER_UPDATE_8BIT_BLOCKWISE,
     OPTIMIZER_UPDATE_32BIT,
     check_optimizer_update_8bit_blockwise,
     check_optimizer_update_32bit,
 )
-
-TRITON_DEVICES = ("cuda", "xpu")
+from .optim_functional import OPTIMIZER_STEP_8BIT_BLOCKWISE_INPLACE, check_optimizer_step_8bit_blockwise
 
 
 class _Contiguous:
@@ -51,11 +51,7 @@ def _optimizer_update_32bit_triton(
         )
 
 
-def _optimizer_update_8bit_blockwise_triton(
-    optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2, absmax1,
-    absmax2, weight_decay, gnorm_scale, skip_zeros=False,
-):
-    check_optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, step, qmap1, qmap2, absmax1, absmax2)
+def _update_8bit_blockwise_contiguous(optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2, absmax1, absmax2, weight_decay, gnorm_scale, skip_zeros):
     with ExitStack() as stack:
         p_, s1, s2, a1, a2 = (stack.enter_context(_Contiguous(t)) for t in (p, state1, state2, absmax1, absmax2))
         kernels.update_8bit_blockwise(
@@ -65,5 +61,29 @@ def _optimizer_update_8bit_blockwise_triton(
         )
 
 
+def _optimizer_update_8bit_blockwise_triton(
+    optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2, absmax1,
+    absmax2, weight_decay, gnorm_scale, skip_zeros=False,
+):
+    check_optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, step, qmap1, qmap2, absmax1, absmax2)
+    _update_8bit_blockwise_contiguous(
+        optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2, absmax1,
+        absmax2, weight_decay, gnorm_scale, skip_zeros,
+    )
+
+
+def _optimizer_step_8bit_blockwise_inplace_triton(
+    optimizer_name, g, p, state1, state2, qmap1, qmap2, absmax1, absmax2, lr, step, beta1, beta2, beta3, alpha,
+    eps, weight_decay, gnorm_scale, skip_zeros=False,
+):
+    """The same kernel with ``lr``/``step``/``beta3``/``alpha`` read on the device."""
+    check_optimizer_step_8bit_blockwise(optimizer_name, g, p, state1, state2, qmap1, qmap2, absmax1, absmax2, lr, step, beta3, alpha)
+    _update_8bit_blockwise_contiguous(
+        optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2, absmax1,
+        absmax2, weight_decay, gnorm_scale, skip_zeros,
+    )
+
+
 register_kernel(OPTIMIZER_UPDATE_32BIT, TRITON_DEVICES, _optimizer_update_32bit_triton)
 register_kernel(OPTIMIZER_UPDATE_8BIT_BLOCKWISE, TRITON_DEVICES, _optimizer_update_8bit_blockwise_triton)
+register_kernel(OPTIMIZER_STEP_8BIT_BLOCKWISE_INPLACE, TRITON_DEVICES, _optimizer_step_8bit_blockwise_inplace_triton)

@@ -13,6 +13,7 @@ from torch.library import register_kernel
 from ..kernels import blockwise as blockwise_kernels
 from ..kernels import fourbit as fourbit_kernels
 from ._checks import check_out, num_blocks
+from ._library import TRITON_DEVICES
 from .blockwise import (
     DEQUANTIZE_BLOCKWISE,
     QUANTIZE_BLOCKWISE,
@@ -21,14 +22,12 @@ from .blockwise import (
 )
 from .fourbit import DEQUANTIZE_4BIT, QUANTIZE_4BIT, check_dequantize_4bit, check_quantize_4bit
 
-DEVICE_TYPES = ("cuda", "xpu")
-
 
 def _register(op: str):
-    """``register_kernel(op, DEVICE_TYPES)`` that hands the function back (tests call it directly)."""
+    """``register_kernel(op, TRITON_DEVICES)`` that hands the function back (tests call it directly)."""
 
     def decorator(fn):
-        register_kernel(op, DEVICE_TYPES)(fn)
+        register_kernel(op, TRITON_DEVICES)(fn)
         return fn
 
     return decorator

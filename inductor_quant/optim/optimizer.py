@@ -23,9 +23,11 @@ The eager step updates contiguous CUDA parameters with the multi-tensor Triton l
 ``inductor_quant.kernels.optim`` (one launch per state width, dtype and step count) and every
 other parameter with ``torch.ops.inductor_quant.optimizer_update_{32bit,8bit_blockwise}`` (the
 CPU path, and LAMB/LARS, whose update norm needs a per-tensor launch). When ``step()`` runs
-under ``torch.compile`` it calls the functional update of
-``inductor_quant.ops.optim_functional`` instead, which takes ``lr`` and ``step`` as tensors: with
-``lr=torch.tensor(...)`` an LR scheduler changes the learning rate without a recompile.
+under ``torch.compile`` it calls ``step_8bit_blockwise`` / ``step_32bit`` of
+``inductor_quant.ops.optim_functional`` instead, which take ``lr`` and ``step`` as tensors: with
+``lr=torch.tensor(...)`` an LR scheduler changes the learning rate without a recompile. On CPU
+the step is lowered by Inductor to one generated kernel per tensor; on GPU the 8-bit step is one
+launch of the hand-written kernel per tensor, called in place on the states.
 """
 
 from __future__ import annotations
@@ -339,7 +341,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             )
 
     def _compiled_group_step(self, group, params, grads, steps, state1s, state2s, qmap1s, qmap2s, absmax1s, absmax2s, unorm_vecs) -> None:
-        """Traced update: the functional ops with ``lr``, ``step`` (and AdEMAMix's scheduled
+        """Traced update: the step ops with ``lr``, ``step`` (and AdEMAMix's scheduled
         ``alpha``/``beta3``) as tensors, so a tensor ``lr`` changed by a scheduler and the growing
         step count are graph inputs, not constants that would force a recompile."""
         from ..ops.optim_functional import step_8bit_blockwise, step_32bit

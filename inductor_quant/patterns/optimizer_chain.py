@@ -12,9 +12,14 @@ functional ops have IR lowerings (``lowerings/optim.py``): dequantize -> update 
 requantize becomes one kernel per tensor. The ``copy_`` of the results into the inputs is left
 to Inductor, which stores into the input buffers in place.
 
-Not rewritten (recorded with the reason in ``records.fusion_decisions()``): a mutated argument
-that is a view of a graph tensor rather than the tensor itself (the view would have to be
-re-created), and the v1 ``auto_functionalized`` form.
+The in-place step op ``optimizer_step_8bit_blockwise_`` (tensor scalars already) is rewritten
+the same way.
+
+Not rewritten (recorded with the reason in ``records.fusion_decisions()``): 8-bit updates on a
+Triton device (cuda, xpu), where the hand-written kernel is 3.5x faster than the kernel Inductor
+generates from the lowering (tools/BENCHMARKS.md) and Inductor already calls it in place, one
+launch per tensor; a mutated argument that is a view of a graph tensor rather than the tensor
+itself (the view would have to be re-created); and the v1 ``auto_functionalized`` form.
 
 The numbers stay baked into the graph (as they were in the mutating call, so a new ``lr`` still
 recompiles); pass tensors through ``step_8bit_blockwise`` / ``step_32bit`` to avoid that.
@@ -31,6 +36,7 @@ import torch
 import torch.fx
 from torch._guards import detect_fake_mode
 
+from ..ops._library import TRITON_DEVICES
 from ..reference.optim import TWO_STATE_OPTIMIZERS
 from . import records
 
@@ -40,11 +46,17 @@ aten = torch.ops.aten
 iq = torch.ops.inductor_quant
 AUTO_FUNCTIONALIZED_V2 = torch.ops.higher_order.auto_functionalized_v2
 
-# mutating op -> (name, its mutated tensor arguments)
+# mutating op -> (kind, its mutated tensor arguments)
 _MUTATING = {
     iq.optimizer_update_8bit_blockwise.default: ("8bit", ("p", "state1", "state2", "absmax1", "absmax2")),
+    iq.optimizer_step_8bit_blockwise_.default: ("8bit_step", ("p", "state1", "state2", "absmax1", "absmax2")),
     iq.optimizer_update_32bit.default: ("32bit", ("p", "state1", "state2", "unorm_vec")),
 }
+# Arguments (name, default) of the in-place step op; the functional op takes the same ones.
+_STEP_ARGS = [
+    (a.name, a.default_value if a.has_default_value() else None)
+    for a in iq.optimizer_step_8bit_blockwise_.default._schema.arguments
+]
 FUSED_TARGETS = (iq.optimizer_step_8bit_blockwise.default, iq.optimizer_step_32bit.default)
 PATTERN = "functional_optimizer"
 
@@ -80,6 +92,10 @@ def _functional_call(graph: torch.fx.Graph, node: torch.fx.Node, kind: str, args
     def scalar(value: float) -> torch.fx.Node:
         return _scalar(graph, value, device, fake_mode)
 
+    if kind == "8bit_step":
+        target = iq.optimizer_step_8bit_blockwise.default
+        call_args = tuple(base[name] if name in base else kw.get(name, default) for name, default in _STEP_ARGS)
+        return _call(graph, target, call_args, fake_mode)
     lr, step, beta3, alpha = scalar(kw["lr"]), scalar(kw["step"]), scalar(kw["beta3"]), scalar(kw["alpha"])
     if kind == "8bit":
         target = iq.optimizer_step_8bit_blockwise.default
@@ -97,6 +113,11 @@ def _functional_call(graph: torch.fx.Graph, node: torch.fx.Node, kind: str, args
             kw["beta2"], beta3, alpha, kw["eps"], kw["weight_decay"], kw["gnorm_scale"], kw.get("skip_zeros", False),
             max_unorm, param_norm,
         )
+    return _call(graph, target, call_args, fake_mode)
+
+
+def _call(graph: torch.fx.Graph, target: Any, call_args: tuple, fake_mode: Any) -> list[torch.fx.Node]:
+    """Insert ``target(*call_args)``; return the getitem nodes of its results."""
     call = graph.call_function(target, call_args)
     fake_args = torch.fx.node.map_arg(call_args, lambda a: a.meta["val"])
     with fake_mode:
@@ -113,7 +134,7 @@ def _functional_call(graph: torch.fx.Graph, node: torch.fx.Node, kind: str, args
 def _result_order(kind: str, optimizer_name: str, has_unorm_output: bool) -> list[str]:
     """Which mutated argument each functional result updates (see ops/optim_functional.py)."""
     two_state = optimizer_name in TWO_STATE_OPTIMIZERS
-    if kind == "8bit":
+    if kind.startswith("8bit"):
         return ["p", "state1", "absmax1"] + (["state2", "absmax2"] if two_state else [])
     return ["p", "state1"] + (["state2"] if two_state else []) + (["unorm_vec"] if has_unorm_output else [])
 
@@ -126,6 +147,8 @@ def rewrite_optimizer_updates(graph: torch.fx.Graph) -> int:
             continue
         kind, names = _MUTATING[node.args[0]]
         args, reason = _mutated_bases(node, names)
+        if reason is None and kind.startswith("8bit") and args["p"][0].meta["val"].device.type in TRITON_DEVICES:
+            reason = "8-bit update on a Triton device: the hand-written kernel, called in place, is faster"
         if reason is None and any(u.target is not operator.getitem or u.args[1] == 0 for u in node.users):
             reason = f"unexpected users {[u.name for u in node.users]}"
         if reason is not None:
@@ -144,7 +167,7 @@ def rewrite_optimizer_updates(graph: torch.fx.Graph) -> int:
             graph.erase_node(user)
         graph.erase_node(node)
         call = outputs[0].args[0]
-        records.bump(f"{PATTERN}_{kind}")
+        records.bump(f"{PATTERN}_{kind.removesuffix('_step')}")
         records.record(PATTERN, call, "rewritten", f"auto_functionalized {node.args[0]} -> {call.target}")
         rewritten += 1
     return rewritten
