@@ -231,6 +231,13 @@ class AdamState:
     def tensors(self):
         return zip(self.params, self.grads, self.state1, self.state2, self.absmax1, self.absmax2)
 
+    def mark_static(self, *scalars: torch.Tensor) -> None:
+        """Fixed addresses for Dynamo (as torch's compiled optimizers mark their state), so the
+        reduce-overhead variant may CUDA-graph a step that mutates these tensors."""
+        for group in (self.params, self.grads, self.state1, self.state2, self.absmax1, self.absmax2, scalars):
+            for tensor in group:
+                torch._dynamo.mark_static_address(tensor)
+
     def nbytes(self) -> int:
         n = sum(p.numel() for p in self.params)
         return 16 * n + 2 * 2 * sum(a.numel() * 4 for a in self.absmax1)
@@ -243,6 +250,7 @@ def optimizer_results(numel: int) -> list[Result]:
         lr = torch.tensor(LR, dtype=torch.float64, device="cuda")
         step = torch.tensor(10.0, device="cuda")
         zero = torch.zeros((), device="cuda")
+        state.mark_static(lr, step, zero)
 
         def compiled_step(state=state):
             for p, g, s1, s2, a1, a2 in state.tensors():
