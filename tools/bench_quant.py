@@ -10,8 +10,8 @@ Run alone::
 
     python tools/bench_quant.py [--check] [--sweep] [--json bench_quant.json]
 
-``--check`` compares every op with the pure-torch reference (bit-exact) and with bitsandbytes on
-each shape before timing; ``--sweep`` also times launch-configuration variants of each kernel
+``--check`` compares every op, eager and compiled, with the pure-torch reference (bit-exact) and
+with bitsandbytes on each shape before timing; ``--sweep`` also times launch-configuration variants of each kernel
 (tile, warps, code-lookup path, 8-bit search) through the launchers and prints the fastest.
 """
 
@@ -84,6 +84,19 @@ class Case:
             ),
         }
 
+    def compiled_calls(self) -> dict:
+        """The four functional ops compiled alone by ``inductor_quant.compile``: the kernels Inductor
+        generates from our lowerings (what a graph that quantizes or dequantizes gets)."""
+        from inductor_quant.compile import compile as iq_compile
+
+        ops, A, shape = torch.ops.inductor_quant, self.A, list(self.shape)
+        calls = {
+            "quantize_4bit": lambda: ops.quantize_4bit(A, BS4, "nf4", torch.uint8),
+            "dequantize_4bit": lambda: ops.dequantize_4bit(self.packed, self.absmax4, BS4, "nf4", shape, DTYPE),
+            "quantize_blockwise": lambda: ops.quantize_blockwise(A, self.code8, BS8),
+            "dequantize_blockwise": lambda: ops.dequantize_blockwise(self.q8, self.absmax8, self.code8, BS8, DTYPE),
+        }
+        return {op: iq_compile(fn, fullgraph=True, dynamic=False) for op, fn in calls.items()}
 
     def kernel_calls(self) -> dict:
         """The four launchers with preallocated outputs: the kernels without the op's Python
@@ -115,17 +128,22 @@ def run(copy_bw: float, shapes=SHAPES) -> list[benchlib.Row]:
     """Time every op on every shape: ``torch.ops.inductor_quant`` called eagerly (impl
     "inductor_quant"), its launchers replayed from a CUDA graph ("inductor_quant.kernel": the GPU
     time alone; eager op calls spend ~50-100 µs of host time in dispatch, argument checks and
-    launches, more than do_bench's L2 flush hides, so small shapes measure the host there), and
-    bitsandbytes CUDA called eagerly ("bnb")."""
+    launches, more than do_bench's L2 flush hides, so small shapes measure the host there), the
+    op compiled alone through our lowerings and replayed from a CUDA graph
+    ("inductor_quant.compiled"), and bitsandbytes CUDA called eagerly ("bnb")."""
     rows: list[benchlib.Row] = []
     bnb = _bnb_ops()
     for shape in shapes:
         case = Case(shape)
-        impls = {"inductor_quant": case.op_calls(torch.ops.inductor_quant), "inductor_quant.kernel": case.kernel_calls()}
+        impls = {
+            "inductor_quant": case.op_calls(torch.ops.inductor_quant),
+            "inductor_quant.kernel": case.kernel_calls(),
+            "inductor_quant.compiled": case.compiled_calls(),
+        }
         if bnb is not None:
             impls["bnb"] = case.op_calls(bnb)
         for impl, calls in impls.items():
-            timer = bench_graph if impl == "inductor_quant.kernel" else benchlib.bench
+            timer = bench_graph if impl in ("inductor_quant.kernel", "inductor_quant.compiled") else benchlib.bench
             for op, fn in calls.items():
                 t = timer(fn)
                 rows.append(benchlib.make_row(op, case.label, impl, t, case.bytes[op], copy_bw))
@@ -165,6 +183,11 @@ def check(shapes=SHAPES) -> bool:
             "quantize_blockwise": _same(case.q8, ref_q8) and _same(case.absmax8, ref_absmax8),
             "dequantize_blockwise": _same(case.out, ref8.dequantize_blockwise(ref_q8, ref_absmax8, case.code8, BS8, DTYPE)),
         }
+        compiled = {op: fn() for op, fn in case.compiled_calls().items()}
+        results["compiled quantize_4bit"] = all(map(_same, compiled["quantize_4bit"], (ref_packed, ref_absmax4)))
+        results["compiled dequantize_4bit"] = _same(compiled["dequantize_4bit"], deq4)
+        results["compiled quantize_blockwise"] = all(map(_same, compiled["quantize_blockwise"], (ref_q8, ref_absmax8)))
+        results["compiled dequantize_blockwise"] = _same(compiled["dequantize_blockwise"], case.out)
         line = " ".join(f"{op}={'ok' if r else 'MISMATCH'}" for op, r in results.items())
         ok &= all(results.values())
         if bnb is not None:
