@@ -175,6 +175,66 @@ def test_pass_config_leaves_8bit_to_the_lowering():
 
 
 # --------------------------------------------------------------------------------------------
+# the one-row matmul as Inductor decomposes it under coordinate_descent_tuning (GPU only; the
+# GPU test compiles the real decomposition, here the same graph is written out by hand)
+
+
+def decomposed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a one-row ``x`` as ``torch._inductor.decomposition.mm`` spells it
+    (``pw_cast_for_opmath``: 16-bit factors widened to fp32, the sum rounded back)."""
+    if x.dtype == torch.float32:
+        return (x.unsqueeze(2) * weight.t().unsqueeze(0)).sum(1)
+    return (x.float().unsqueeze(2) * weight.t().float().unsqueeze(0)).sum(1).to(x.dtype)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "nested", "8bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decomposed_matrix_vector_becomes_the_fused_op(dtype, kind):
+    code = dynamic_map()
+    packed, absmax = make_4bit(32, 64)
+    offset = absmax.mean()
+    absmax_8bit, nested_absmax = iq.quantize_blockwise(absmax - offset, code, 256)
+    codes, absmax_codes = iq.quantize_blockwise(torch.randn(32, 64), code, 64)
+    x = torch.randn(1, 64, dtype=dtype)
+
+    def fn(x, packed, absmax, absmax_8bit, nested_absmax, offset, codes, absmax_codes):
+        if kind == "8bit":
+            weight = iq.dequantize_blockwise(codes, absmax_codes, code, 64, x.dtype)
+        else:
+            if kind == "nested":
+                absmax = iq.dequantize_blockwise(absmax_8bit, nested_absmax, code, 256, torch.float32) + offset
+            weight = iq.dequantize_4bit(packed, absmax, 64, "nf4", [32, 64], x.dtype)
+        return decomposed_linear(x, weight)
+
+    expected, actual, source = run_compiled(fn, x, packed, absmax, absmax_8bit, nested_absmax, offset, codes, absmax_codes)
+    assert_close(actual, expected)
+    name = {"4bit": "gemm_4bit_mv", "nested": "gemm_4bit_nested_mv", "8bit": "linear_8bit_mv"}[kind]
+    # dequantize, permute, 2 unsqueeze, mul, sum (+ 3 conversions for 16-bit, + 2 nested-absmax nodes)
+    nodes = 6 + (3 if dtype != torch.float32 else 0) + (2 if kind == "nested" else 0)
+    assert quant_counters() == {name: 1, "dequant_linear_nodes": nodes}
+    fused = "linear_8bit" if kind == "8bit" else "gemm_4bit"
+    assert calls(source, f"torch.ops.inductor_quant.{fused}.default") == 1
+    assert "cpp_fused" not in source
+
+
+def test_decomposed_matrix_vector_kept_in_fp32_does_not_match():
+    """Widened factors summed without the rounding back: ``mm`` would return bf16, this returns
+    fp32, so there is no fused equivalent."""
+    packed, absmax = make_4bit(32, 64)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+
+    def fn(x, packed, absmax):
+        weight = iq.dequantize_4bit(packed, absmax, 64, "nf4", [32, 64], x.dtype)
+        return (x.float().unsqueeze(2) * weight.t().float().unsqueeze(0)).sum(1)
+
+    with inductor_config.patch(emulate_precision_casts=True):  # keep the bf16 rounding of the weight
+        expected, actual, source = run_compiled(fn, x, packed, absmax)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert quant_counters() == {}
+    assert "gemm_4bit" not in source
+
+
+# --------------------------------------------------------------------------------------------
 # several consumers, negative cases
 
 

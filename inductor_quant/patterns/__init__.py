@@ -1,6 +1,7 @@
 """Post-grad pattern-matcher passes (dequantize+linear, optimizer chains), one family per file.
 
-* ``dequant_linear``: ``dequantize_4bit`` / ``dequantize_blockwise`` feeding ``mm``/``addmm`` ->
+* ``dequant_linear``: ``dequantize_4bit`` / ``dequantize_blockwise`` feeding ``mm``/``addmm`` (or
+  the mul + sum a one-row ``mm`` decomposes into under ``coordinate_descent_tuning``) ->
   ``gemm_4bit`` / ``linear_8bit``;
 * ``optimizer_chain``: auto-functionalized mutating optimizer updates -> functional optimizer
   steps (which the lowerings fuse into one kernel per tensor);

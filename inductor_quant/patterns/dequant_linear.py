@@ -12,7 +12,10 @@ inputs flattened by views around the matmul. This pass rewrites those matmuls:
   blocksize, bias)``.
 
 Variants matched: ``mm``/``addmm`` (default ``beta``/``alpha``), with an optional dtype
-conversion before or after the transpose. A conversion is accepted only from an fp32 dequantize
+conversion before or after the transpose, and the matrix-vector form that Inductor decomposes a
+one-row ``mm`` into on GPU under ``coordinate_descent_tuning`` (gpt-fast's setting):
+``sum(x.unsqueeze(2) * W.t().unsqueeze(0), [1])``, with both factors widened to fp32 and the sum
+rounded back for 16-bit inputs (``mv`` below). A conversion is accepted only from an fp32 dequantize
 (``dequantize(fp32).to(bf16)`` rounds the same fp32 product once, as the fused op does); a weight
 dequantized to a narrower dtype and widened for the matmul is left alone, because the fused op
 would skip that rounding. Views on the activation side stay where they are (the pass matches
@@ -23,9 +26,8 @@ reads the packed weight itself), and the dequantize stays for any other consumer
 is recorded once per dequantize (``records.fusion_decisions()``, counter
 ``dequant_multi_consumer``). Rejected candidates are recorded with the reason.
 
-Counters (``counters["inductor_quant"]``): ``gemm_4bit_mm``, ``gemm_4bit_addmm``,
-``gemm_4bit_nested_mm``, ``gemm_4bit_nested_addmm``, ``linear_8bit_mm``, ``linear_8bit_addmm``
-(one per rewrite) and ``dequant_linear_nodes`` (FX nodes matched by those rewrites).
+Counters (``counters["inductor_quant"]``): ``gemm_4bit_mm``, ``gemm_4bit_addmm``, ``gemm_4bit_mv``,
+``gemm_4bit_nested_mm``/``_addmm``/``_mv``, ``linear_8bit_mm``/``_addmm``/``_mv`` (one per rewrite) and ``dequant_linear_nodes`` (FX nodes matched by those rewrites).
 """
 
 from __future__ import annotations
@@ -178,6 +180,20 @@ def _check(pattern: str, kind: str, match: Match) -> bool:
     return True
 
 
+def _check_mv(pattern: str, kind: str, match: Match) -> bool:
+    """:func:`_check` for the decomposed one-row matmul, plus: the product runs in fp32 (both
+    factors widened, or already fp32) and the result is rounded to the activation's dtype, as
+    ``mm`` would return it."""
+    kw = match.kwargs
+    x = _val(kw["x"])
+    if x is not None and x.dim() != 2:
+        return _reject(pattern, match, f"the activation is {x.dim()}-D, not one row [1, K]")
+    widened = "opmath_x" in kw
+    if widened and not (kw["opmath_x"] == kw["opmath_w"] == torch.float32 and kw["out_dtype"] == _val(kw["x"]).dtype):
+        return _reject(pattern, match, "the products are not taken in fp32 and rounded back to the activation's dtype")
+    return _check(pattern, kind, match)
+
+
 def _record_consumers(pattern: str, match: Match, kind: str) -> None:
     """Record, once per dequantize, that a shared dequantize is handled consumer by consumer."""
     dequantize = _find(match, iq.dequantize_4bit.default if kind == "4bit" else iq.dequantize_blockwise.default)
@@ -235,12 +251,34 @@ def _replacement(pattern: str, kind: str, kw: dict[str, Any], has_bias: bool) ->
     return gemm_4bit, [kw["x"], kw["B"], kw["absmax"], *([kw["bias"]] if has_bias else [])]
 
 
+def _matrix_vector(weight: PatternExpr) -> list[PatternExpr]:
+    """Inductor's decomposition of a one-row ``mm(x, W.t())``: ``sum(x.unsqueeze(2) *
+    W.t().unsqueeze(0), [1])``, for 16-bit inputs with both factors converted to fp32 first and the
+    sum converted back."""
+
+    def convert(x: PatternExpr, name: str) -> PatternExpr:
+        return CallFunction(prims.convert_element_type.default, x, KeywordArg(name))
+
+    def mv(x: PatternExpr, weight_t: PatternExpr) -> PatternExpr:
+        product = CallFunction(
+            aten.mul.Tensor, CallFunction(aten.unsqueeze.default, x, 2), CallFunction(aten.unsqueeze.default, weight_t, 0)
+        )
+        return CallFunction(aten.sum.dim_IntList, product, [1])
+
+    weight_t = CallFunction(aten.permute.default, weight, KeywordArg("perm"), _users=MULTIPLE)
+    widened = mv(convert(KeywordArg("x"), "opmath_x"), convert(weight_t, "opmath_w"))
+    return [convert(widened, "out_dtype"), mv(KeywordArg("x"), weight_t)]
+
+
 def _register(pass_: PatternMatcherPass, pattern: str, kind: str, weight_t: PatternExpr, matmul: str) -> None:
     name = f"{pattern}_{matmul}"
+    check = _check
     if matmul == "mm":
         expr = CallFunction(aten.mm.default, KeywordArg("x"), weight_t)
-    else:
+    elif matmul == "addmm":
         expr = CallFunction(aten.addmm.default, KeywordArg("bias"), KeywordArg("x"), weight_t)
+    else:
+        expr, check = weight_t, _check_mv  # weight_t is already the whole decomposed product
 
     def handler(match: Match, *args: Any, **kwargs: Any) -> None:
         _record_consumers(pattern, match, kind)
@@ -251,7 +289,7 @@ def _register(pass_: PatternMatcherPass, pattern: str, kind: str, weight_t: Patt
         records.bump("dequant_linear_nodes", len(match.nodes))
         records.record(pattern, output, "rewritten", f"{output.target} of a dequantized weight -> {pattern.split('_nested')[0]}")
 
-    register_graph_pattern(expr, extra_check=functools.partial(_check, pattern, kind), pass_dict=pass_)(handler)
+    register_graph_pattern(expr, extra_check=functools.partial(check, pattern, kind), pass_dict=pass_)(handler)
 
 
 def register_dequant_linear_patterns(pass_: PatternMatcherPass, *, fourbit: bool = True, eightbit: bool = True) -> None:
@@ -263,3 +301,5 @@ def register_dequant_linear_patterns(pass_: PatternMatcherPass, *, fourbit: bool
         for weight_t in _transposed_weights(weight):
             for matmul in ("addmm", "mm"):
                 _register(pass_, pattern, kind, weight_t, matmul)
+        for product in _matrix_vector(weight):
+            _register(pass_, pattern, kind, product, "mv")
