@@ -147,8 +147,14 @@ def _gemv_4bit_kernel(
 ):
     """``out[m, n-tile] = sum_k A[m, k] * W[n, k]`` on CUDA cores, one row of A per program.
 
-    Needs ``K % BLOCK_K == 0`` and ``K % BLOCKSIZE == 0``. The next K-tile's words and scales are
-    loaded before the current one is used, to keep two tiles of loads in flight per warp."""
+    Needs ``K % BLOCK_K == 0`` and ``K % BLOCKSIZE == 0``. The next K-tile's words, scales and
+    activations are loaded before the current one is used (two tiles of loads in flight).
+
+    Layout: the word offsets carry a contiguity hint of 1, so a thread holds one word per
+    ``32 * num_warps`` consecutive words (warp accesses stay coalesced) instead of a vector of
+    adjacent words. Its 8 codes then sit in the same thread as the 8 activations of a 16-byte load
+    of ``A``, and no shared-memory layout conversion is needed per tile (with adjacent words per
+    thread the activation tile made a shared-memory round trip and two barriers per tile)."""
     pid = tl.program_id(0)
     pid_m = pid % M
     pid_n = pid // M
@@ -158,12 +164,8 @@ def _gemv_4bit_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)  # tail rows recompute row N-1; not stored
     g = tl.arange(0, NB)
-    words_ptrs = (
-        B.to(tl.pointer_type(tl.uint32))
-        + rows_c[:, None, None] * (K // 8)
-        + (g * WG)[None, :, None]
-        + tl.arange(0, WG)[None, None, :]
-    )
+    word_offsets = tl.max_contiguous((g * WG)[None, :, None] + tl.arange(0, WG)[None, None, :], [1, 1, 1])
+    words_ptrs = B.to(tl.pointer_type(tl.uint32)) + rows_c[:, None, None] * (K // 8) + word_offsets
     blk = rows_c[:, None] * (K // BLOCKSIZE) + (g * GROUP // BLOCKSIZE)[None, :]
     a_ptrs = A + pid_m.to(tl.int64) * stride_am + (g * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
     offset = _absmax_offset(absmax_offset, NESTED)
@@ -172,17 +174,19 @@ def _gemv_4bit_kernel(
     acc = tl.zeros([BLOCK_N, NB, WG], dtype=tl.float32)
     words = tl.load(words_ptrs)
     scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk, NESTED)
+    a = tl.load(a_ptrs)
     for k0 in range(0, K, BLOCK_K):
         k_next = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
         words_next = tl.load(words_ptrs + k_next // 8)
         scale_next = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_next // BLOCKSIZE, NESTED)
-        a = tl.load(a_ptrs + k0).to(tl.float32)
+        a_next = tl.load(a_ptrs + k_next)
         codes = _dequant_words(words, 1.0, lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
         # Sum each word's 8 products (all in one thread), then scale once per word.
-        per_word = tl.sum(tl.reshape(codes * a[None, :, :], [BLOCK_N, NB, WG, 8]), axis=3)
+        per_word = tl.sum(tl.reshape(codes * a.to(tl.float32)[None, :, :], [BLOCK_N, NB, WG, 8]), axis=3)
         acc += per_word * scale[:, :, None]
         words = words_next
         scale = scale_next
+        a = a_next
     res = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         res += tl.load(bias + rows_c).to(tl.float32)
