@@ -238,3 +238,25 @@ def test_first_use_inside_cudagraph_warmup():
         out = compiled(x).clone()
     expected = fn(x).float()
     assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_standalone_dequantize_calls_the_kernel_and_fused_one_is_generated():
+    """Compiled with the passes: a dequantize returned as it is calls the hand-written kernel (no
+    generated kernel); one followed by a multiply becomes one generated Triton kernel."""
+    N, K = 256, 512
+    packed, absmax = iq.quantize_4bit(torch.randn(N, K, device="cuda"), 64, "nf4", torch.uint8)
+    want = ref_fourbit.dequantize_4bit(packed.cpu(), absmax.cpu(), 64, "nf4", [N, K], torch.bfloat16).cuda()
+
+    def alone(packed, absmax):
+        return iq.dequantize_4bit(packed, absmax, 64, "nf4", [N, K], torch.bfloat16)
+
+    def scaled(packed, absmax):
+        return alone(packed, absmax) * 2
+
+    for fn, expected, calls, generated in ((alone, want, 1, 0), (scaled, want * 2, 0, 1)):
+        torch._dynamo.reset()
+        out, source = run_and_get_code(iq_compile(fn, fullgraph=True), packed, absmax)
+        source = "\n".join(source)
+        FileCheck().check_count("torch.ops.inductor_quant.dequantize_4bit.default(", calls, exactly=True).run(source)
+        assert triton_kernel_count(source) == generated, fn.__name__
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)

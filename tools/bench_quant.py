@@ -84,10 +84,15 @@ class Case:
             ),
         }
 
-    def compiled_calls(self) -> dict:
-        """The four functional ops compiled alone by ``inductor_quant.compile``: the kernels Inductor
-        generates from our lowerings (what a graph that quantizes or dequantizes gets)."""
+    def compiled_calls(self, generated: bool = False) -> dict:
+        """The four functional ops compiled alone by ``inductor_quant.compile``: by default what the
+        pass makes of a standalone op (a call of its hand-written kernel); with ``generated`` the
+        kernels Inductor generates from our lowerings (what an op fused with pointwise neighbours
+        is built from)."""
         from inductor_quant.compile import compile as iq_compile
+        from inductor_quant.patterns.pass_manager import QuantPassConfig
+
+        config = QuantPassConfig(standalone_kernels=not generated)
 
         ops, A, shape = torch.ops.inductor_quant, self.A, list(self.shape)
         calls = {
@@ -96,7 +101,7 @@ class Case:
             "quantize_blockwise": lambda: ops.quantize_blockwise(A, self.code8, BS8),
             "dequantize_blockwise": lambda: ops.dequantize_blockwise(self.q8, self.absmax8, self.code8, BS8, DTYPE),
         }
-        return {op: iq_compile(fn, fullgraph=True, dynamic=False) for op, fn in calls.items()}
+        return {op: iq_compile(fn, fullgraph=True, dynamic=False, pass_config=config) for op, fn in calls.items()}
 
     def kernel_calls(self) -> dict:
         """The four launchers with preallocated outputs: the kernels without the op's Python
@@ -129,8 +134,10 @@ def run(copy_bw: float, shapes=SHAPES) -> list[benchlib.Row]:
     "inductor_quant"), its launchers replayed from a CUDA graph ("inductor_quant.kernel": the GPU
     time alone; eager op calls spend ~50-100 µs of host time in dispatch, argument checks and
     launches, more than do_bench's L2 flush hides, so small shapes measure the host there), the
-    op compiled alone through our lowerings and replayed from a CUDA graph
-    ("inductor_quant.compiled"), and bitsandbytes CUDA called eagerly ("bnb")."""
+    op compiled alone by ``inductor_quant.compile`` and replayed from a CUDA graph
+    ("inductor_quant.compiled": the pass leaves a standalone op to its kernel;
+    "inductor_quant.generated": the code Inductor generates from our lowering), and bitsandbytes
+    CUDA called eagerly ("bnb")."""
     rows: list[benchlib.Row] = []
     bnb = _bnb_ops()
     for shape in shapes:
@@ -139,11 +146,12 @@ def run(copy_bw: float, shapes=SHAPES) -> list[benchlib.Row]:
             "inductor_quant": case.op_calls(torch.ops.inductor_quant),
             "inductor_quant.kernel": case.kernel_calls(),
             "inductor_quant.compiled": case.compiled_calls(),
+            "inductor_quant.generated": case.compiled_calls(generated=True),
         }
         if bnb is not None:
             impls["bnb"] = case.op_calls(bnb)
         for impl, calls in impls.items():
-            timer = bench_graph if impl in ("inductor_quant.kernel", "inductor_quant.compiled") else benchlib.bench
+            timer = benchlib.bench if impl in ("inductor_quant", "bnb") else bench_graph
             for op, fn in calls.items():
                 t = timer(fn)
                 rows.append(benchlib.make_row(op, case.label, impl, t, case.bytes[op], copy_bw))
@@ -183,7 +191,7 @@ def check(shapes=SHAPES) -> bool:
             "quantize_blockwise": _same(case.q8, ref_q8) and _same(case.absmax8, ref_absmax8),
             "dequantize_blockwise": _same(case.out, ref8.dequantize_blockwise(ref_q8, ref_absmax8, case.code8, BS8, DTYPE)),
         }
-        compiled = {op: fn() for op, fn in case.compiled_calls().items()}
+        compiled = {op: fn() for op, fn in case.compiled_calls(generated=True).items()}
         results["compiled quantize_4bit"] = all(map(_same, compiled["quantize_4bit"], (ref_packed, ref_absmax4)))
         results["compiled dequantize_4bit"] = _same(compiled["dequantize_4bit"], deq4)
         results["compiled quantize_blockwise"] = all(map(_same, compiled["quantize_blockwise"], (ref_q8, ref_absmax8)))

@@ -20,6 +20,8 @@ from torch._inductor.lowering import fallback_handler, lowerings, register_lower
 from torch._inductor.virtualized import V, ops
 from torch.utils._sympy.functions import CeilDiv, FloorDiv
 
+from ..patterns.standalone import STANDALONE_KEY
+
 aten = torch.ops.aten
 
 Loader = Callable[[sympy.Expr], Any]
@@ -226,14 +228,28 @@ def view_dtype(x: ir.TensorBox, dtype: torch.dtype) -> ir.TensorBox:
     return lowerings[aten.view.dtype](x, dtype)
 
 
-def register(op: torch._ops.OpOverload, lowering: Callable[..., Any]) -> None:
-    """Install ``lowering`` for ``op`` in Inductor's (process-global) lowering table."""
+def register(op: torch._ops.OpOverload, lowering: Callable[..., Any], *, standalone_to_kernel: bool = False) -> None:
+    """Install ``lowering`` for ``op`` in Inductor's (process-global) lowering table.
+
+    With ``standalone_to_kernel``, a node that ``patterns.standalone`` marked (a quant op with no
+    fusible neighbour, on a device with a hand-written kernel) is lowered to a call of the op
+    instead: its registered implementation is that kernel."""
+    if standalone_to_kernel:
+        inner = lowering
+
+        @functools.wraps(inner)
+        def lowering(*args: Any, **kwargs: Any) -> Any:
+            node = V.graph.current_node
+            if node is not None and node.meta.get(STANDALONE_KEY):
+                return fallback(op, *args, **kwargs)
+            return inner(*args, **kwargs)
+
     register_lowering(op, type_promotion_kind=None)(lowering)
 
 
-def fallback(op: torch._ops.OpOverload, *args: Any) -> Any:
+def fallback(op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
     """Lower ``op`` as an opaque call of its registered kernel (cases the IR lowering skips)."""
-    return fallback_handler(op, add_to_fallback_set=False)(*args)
+    return fallback_handler(op, add_to_fallback_set=False)(*args, **kwargs)
 
 
 def is_zero(n: sympy.Expr) -> bool:

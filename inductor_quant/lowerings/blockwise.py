@@ -66,5 +66,5 @@ def quantize_blockwise(A: ir.TensorBox, code: ir.TensorBox, blocksize: int) -> t
 
 
 def register() -> None:
-    _ir.register(ops_ns.dequantize_blockwise.default, dequantize_blockwise)
-    _ir.register(ops_ns.quantize_blockwise.default, quantize_blockwise)
+    _ir.register(ops_ns.dequantize_blockwise.default, dequantize_blockwise, standalone_to_kernel=True)
+    _ir.register(ops_ns.quantize_blockwise.default, quantize_blockwise, standalone_to_kernel=True)

@@ -125,5 +125,5 @@ def quantize_4bit(
 
 
 def register() -> None:
-    _ir.register(ops_ns.dequantize_4bit.default, dequantize_4bit)
-    _ir.register(ops_ns.quantize_4bit.default, quantize_4bit)
+    _ir.register(ops_ns.dequantize_4bit.default, dequantize_4bit, standalone_to_kernel=True)
+    _ir.register(ops_ns.quantize_4bit.default, quantize_4bit, standalone_to_kernel=True)

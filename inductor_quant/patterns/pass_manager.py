@@ -37,7 +37,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import PatternMatcherPass
 
 from ..lowerings import lowering_files, register_lowerings
-from . import dequant_linear, optimizer_chain
+from . import dequant_linear, optimizer_chain, standalone
 
 try:
     from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass as _PassBase
@@ -62,12 +62,15 @@ class QuantPassConfig:
     into a Triton matmul template as a prologue).
     ``functional_optimizer_updates``: auto-functionalized mutating optimizer updates ->
     the functional optimizer steps (which have fused lowerings).
+    ``standalone_kernels``: quant ops with no fusible neighbour call their hand-written kernel
+    instead of becoming generated code (``patterns.standalone``; GPU only).
     ``lowerings``: install the IR lowerings when the pass first runs.
     """
 
     dequant_linear_4bit: bool = True
     dequant_linear_8bit: bool = True
     functional_optimizer_updates: bool = True
+    standalone_kernels: bool = True
     lowerings: bool = True
 
 
@@ -132,6 +135,8 @@ class QuantPassManager(_PassBase):
             _set_eager_input_vals(graph, dequant_linear.FUSED_TARGETS + optimizer_chain.FUSED_TARGETS)
             graph.eliminate_dead_code()
             graph.lint()
+        if self.config.standalone_kernels:  # after the rewrites: on the quant ops they left
+            standalone.mark_standalone_quant_ops(graph)
 
     def uuid(self) -> str | None:
         parts = [_source_hash(), repr(dataclasses.astuple(self.config)), torch.__version__]
