@@ -462,3 +462,21 @@ def test_gpu_dequantize_4bit_beyond_int32_offsets():
         expected = ref4.dequantize_4bit(sub_packed, sub_absmax, blocksize, "nf4", (stop - start,), torch.bfloat16)
         assert_same(out[start:stop], expected)
     del out
+
+
+def test_8bit_search_tables_are_cached_per_map_and_version():
+    """The second quantize with the same map reuses its tables; an in-place change of the map, or
+    another map, builds new ones, and every result equals the reference."""
+    k8._TABLE_CACHE.clear()
+    A = torch.randn(3000)
+    code = dynamic_map().clone()
+    check_quantize_blockwise(A, code, 256)
+    check_quantize_blockwise(A * 0.5, code, 256)
+    assert len(k8._TABLE_CACHE) == 1
+    code[1:255] = torch.sort(torch.rand(254) * 2 - 1).values  # same storage, new contents
+    check_quantize_blockwise(A, code, 256)
+    check_quantize_blockwise(A, dynamic_map(signed=False), 256)
+    assert len(k8._TABLE_CACHE) == 3
+    with torch.inference_mode():  # no version counter: built per call, never cached
+        check_quantize_blockwise(A, torch.linspace(-1, 1, 256), 256)
+    assert len(k8._TABLE_CACHE) == 3

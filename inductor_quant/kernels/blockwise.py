@@ -8,7 +8,7 @@ fp32 multiply ``code[q] * absmax`` rounded once to the output dtype.
 
 Nearest-code search. The map is an input (any sorted 256-entry table), so nothing about it is
 hard-coded; a one-program launch derives two small tables from it into global memory (6-10 KB,
-read by every program of the quantize launch through L1):
+read by every program of the quantize launch through L1; built on a map's first use, then cached):
 
 * ``mid``: the 255 fp32 midpoints ``(code[i] + code[i + 1]) * 0.5``, padded with ``+inf``;
 * ``first``: a bucket table. A value's bucket is its fp32 bit pattern made order-preserving
@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
+
+from ._constants import to_device_constant
 
 __all__ = [
     "block_absmax",
@@ -294,8 +297,9 @@ def _is_interpreted(t: torch.Tensor) -> bool:
 
 _DEFAULT_QUANTIZE = QuantizeBlockwiseConfig()
 # The one-program table launch costs ~26 µs with 4096 buckets and ~44 µs with 8192 (H100; its
-# histogram dominates); the finer table saves a probe per element. Measured crossover: the coarse
-# table is faster up to ~1e8 elements (4096x4096: 56 vs 72 µs; 28672x8192: 422 vs 395 µs).
+# histogram dominates); the finer table saves a probe per element. Measured crossover with a table
+# build per call (before the cache): the coarse table is faster up to ~1e8 elements (4096x4096:
+# 56 vs 72 µs; 28672x8192: 422 vs 395 µs).
 _DEFAULT_QUANTIZE_SMALL = QuantizeBlockwiseConfig(key_shift=19, buckets=4096, probes=3)
 _SMALL_QUANTIZE_NUMEL = 1 << 27
 _DEFAULT_DEQUANTIZE = DequantizeBlockwiseConfig()
@@ -328,6 +332,59 @@ def _check_flat_output(out: torch.Tensor, name: str, numel: int, dtype: torch.dt
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
+_TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_TABLE_CACHE_SIZE = 32
+
+
+def _build_search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig, tables: torch.Tensor) -> None:
+    """Launch the one-program table kernel for ``code`` into ``tables`` (see :func:`_split_tables`)."""
+    mid, first, fullest = _split_tables(tables, config)
+    _search_tables_kernel[(1,)](code, mid, first, fullest, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets)
+
+
+def _split_tables(tables: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple[torch.Tensor, ...]:
+    """``(mid, first, fullest)`` views of one uint8 buffer: 512 fp32 midpoints, a uint8 per bucket,
+    one int32."""
+    mids_bytes = 2 * CODE_ENTRIES * 4
+    return (
+        tables[:mids_bytes].view(torch.float32),
+        tables[mids_bytes : mids_bytes + config.buckets],
+        tables[mids_bytes + config.buckets :].view(torch.int32),
+    )
+
+
+def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple[torch.Tensor, ...]:
+    """``(mid, first, fullest)`` for ``code`` and the bucket shape of ``config``.
+
+    Building them is a one-program launch that costs more than quantizing a small tensor (26-44 µs
+    on an H100), so they are cached by the map's data pointer and version counter (the entry
+    holds the map, so its memory cannot be reused while cached; an in-place change bumps the
+    version). The cached buffer is allocated outside any CUDA-graph pool
+    (``to_device_constant``). While a CUDA graph is being captured, or for a map without a
+    version counter (an inference tensor), the tables are built per call instead: a captured
+    build runs only at replay, so caching its buffer would hand later calls unwritten tables."""
+    code = code.contiguous()
+    nbytes = 2 * CODE_ENTRIES * 4 + config.buckets + 4
+    capturing = code.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    try:
+        key = (code.device, code.data_ptr(), code._version, config.key_shift, config.buckets)
+    except RuntimeError:  # inference tensors carry no version counter
+        key = None
+    if capturing or key is None:
+        tables = torch.empty(nbytes, dtype=torch.uint8, device=code.device)
+        _build_search_tables(code, config, tables)
+        return _split_tables(tables, config)
+    entry = _TABLE_CACHE.get(key)
+    if entry is None:
+        tables = to_device_constant(torch.empty(nbytes, dtype=torch.uint8), code.device)
+        _build_search_tables(code, config, tables)
+        entry = _TABLE_CACHE[key] = (code, tables)
+        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    else:
+        _TABLE_CACHE.move_to_end(key)
+    return _split_tables(entry[1], config)
+
 
 def quantize_blockwise(
     A: torch.Tensor,
@@ -340,25 +397,20 @@ def quantize_blockwise(
     """Quantize ``A`` (any float dtype, any strides) into ``out`` (uint8, A.numel() elements) and
     ``absmax`` (fp32, one per block) with the 256-entry sorted table ``code`` (fp32).
 
-    Two launches: one program derives the search tables from ``code`` (6 KB, read by every program
-    of the second launch through L1), then one program per tile quantizes."""
+    One program per tile quantizes, reading the search tables of ``code`` (6-10 KB, through L1);
+    the tables come from :func:`_search_tables` (built by a one-program launch on a map's first
+    use, then cached)."""
     n = A.numel()
     _check_flat_output(out, "out", n, torch.uint8, A)
     _check_flat_output(absmax, "absmax", -(-n // blocksize), torch.float32, A)
     if n == 0:
         return
     A = A.contiguous()
-    code = code.contiguous()
     if config is None:
         config = _DEFAULT_QUANTIZE_SMALL if n < _SMALL_QUANTIZE_NUMEL else _DEFAULT_QUANTIZE
     tile = max(_INTERPRETER_TILE if _is_interpreted(A) else config.tile, blocksize)
-    mids_bytes = 2 * CODE_ENTRIES * 4
-    tables = torch.empty(mids_bytes + config.buckets + 4, dtype=torch.uint8, device=A.device)
-    mid = tables[:mids_bytes].view(torch.float32)
-    first = tables[mids_bytes : mids_bytes + config.buckets]
-    fullest = tables[mids_bytes + config.buckets :].view(torch.int32)
     with device_guard(A):
-        _search_tables_kernel[(1,)](code, mid, first, fullest, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets)
+        mid, first, fullest = _search_tables(code, config)
         _quantize_blockwise_kernel[(-(-n // tile),)](
             A,
             mid,
