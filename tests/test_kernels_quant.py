@@ -464,6 +464,27 @@ def test_gpu_dequantize_4bit_beyond_int32_offsets():
     del out
 
 
+@requires_cuda
+def test_gpu_8bit_quantize_inside_cuda_graph_capture():
+    """A map first used while a CUDA graph is captured: the tables are built inside the graph
+    (not cached unwritten), replay is correct, and a later eager call builds and caches its own."""
+    k8._TABLE_CACHE.clear()
+    A = torch.randn(5000, device="cuda")
+    code = dynamic_map(device="cuda")
+    q = torch.empty(5000, dtype=torch.uint8, device="cuda")
+    absmax = torch.empty(20, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        k8.quantize_blockwise(A, code, 256, q, absmax)
+    assert len(k8._TABLE_CACHE) == 0
+    q.fill_(0)
+    graph.replay()
+    ref_q, ref_absmax = ref8.quantize_blockwise(A.cpu(), code.cpu(), 256)
+    assert_same(q.cpu(), ref_q)
+    check_quantize_blockwise(A, code, 256)
+    assert len(k8._TABLE_CACHE) == 1
+
+
 def test_8bit_search_tables_are_cached_per_map_and_version():
     """The second quantize with the same map reuses its tables; an in-place change of the map, or
     another map, builds new ones, and every result equals the reference."""
