@@ -301,6 +301,7 @@ def optimizer_results(numel: int) -> list[Result]:
                 fn()
                 torch.cuda.synchronize()
                 results.append(Result(f"adamw8bit {label}", name, benchlib.bench(fn), state.nbytes()))
+                print(f"adamw8bit {label} {name}: {results[-1].time_us:.1f} us", flush=True)
             except ImportError as error:
                 results.append(Result(f"adamw8bit {label}", name, error=f"skipped: {error}"))
             except Exception as error:
