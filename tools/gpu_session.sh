@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One device call: kernel benchmarks, the GPU-only tests, the end-to-end benchmarks.
 # Usage on the device machine (repo root): bash tools/gpu_session.sh OUT_DIR [STAGE ...]
-# Stages (default: all, in this order): bench_kernels inductor_gpu_tests optim_gpu_tests
+# Stages (default: all, in this order): bench_kernels inductor_gpu_tests kernel_gpu_tests
 # bench_optim_e2e bench_decode. Each stage has its own time limit so one slow stage cannot
 # starve the others; DECODE_LAYERS (default 2) sets the decode benchmark's depth.
 set -u
 out="${1:-${OUT:-/tmp/out}}"
 shift || true
-stages="${*:-bench_kernels inductor_gpu_tests optim_gpu_tests bench_optim_e2e bench_decode}"
+stages="${*:-bench_kernels inductor_gpu_tests kernel_gpu_tests bench_optim_e2e bench_decode}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -20,8 +20,8 @@ stage() {  # stage NAME SECONDS CMD...
     echo "=== $name exit $?"
     tail -n 40 "$out/$name.log"
 }
-stage bench_kernels 170 python3 tools/bench_kernels.py --json "$out/bench_kernels.json"
+stage bench_kernels 300 python3 tools/bench_kernels.py --json "$out/bench_kernels.json"
 stage inductor_gpu_tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_inductor_gpu.py
-stage optim_gpu_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_optim.py -k "gpu_8bit_vs_bitsandbytes or gpu_32bit_vs_bitsandbytes or device_scalars or inplace_step"
+stage kernel_gpu_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py tests/test_kernels_optim.py -k "(gpu or capture or device_scalars or inplace_step) and not 2_31"
 stage bench_optim_e2e 120 python3 tools/bench_e2e.py --skip-decode --json "$out/bench_optim_e2e.json"
 stage bench_decode 330 python3 tools/bench_e2e.py --skip-optim --layers "${DECODE_LAYERS:-2}" --steps 32 --json "$out/bench_decode.json"
