@@ -127,19 +127,6 @@ def test_dot_split_k_reduces_deterministically_and_resets_counters(split_k, has_
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("split_k, has_bias, nested", [(2, True, False), (4, False, True)])
-def test_gemv_split_k_matches_and_is_deterministic(split_k, has_bias, nested):
-    weight = Weight(37, 2048, nested=nested)
-    A = torch.randn(2, 2048, dtype=torch.float16)
-    bias = torch.randn(37, dtype=torch.float16) if has_bias else None
-    config = kernels.KernelConfig(block_n=8, block_k=256, num_warps=2, split_k=split_k)
-    out = torch.full((2, 37), float("nan"), dtype=torch.float16)
-    weight.fused(A, bias, out=out, path="gemv", config=config)
-    _check(out, A, weight, bias)
-    again = weight.fused(A, bias, path="gemv", config=config)
-    torch.testing.assert_close(again, out, rtol=0, atol=0)
-
-
 def test_split_k_choice():
     cpu = torch.device("cpu")  # counts as 4 multiprocessors
     # Few tiles and a long K: split until 4 programs per multiprocessor (block_m <= 32) ...

@@ -154,14 +154,13 @@ def run(copy_bw: float, shapes=SHAPES, ms=MS) -> list[benchlib.Row]:
 
 
 def gemv_configs() -> list[kernels.KernelConfig]:
-    configs = [
+    return [
         kernels.KernelConfig(block_n=bn, block_k=bk, num_warps=nw)
         for bn in (2, 4, 8)
         for bk in (256, 512, 1024)
         for nw in (2, 4)
         if bn * bk // 8 >= 32 * nw and bn * bk // (32 * nw) <= 64
     ]
-    return configs + [kernels.KernelConfig(block_n=2, block_k=512, num_warps=2, split_k=split) for split in (2, 4)]
 
 
 def dot_configs(block_m: int) -> list[kernels.KernelConfig]:

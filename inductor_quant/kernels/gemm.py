@@ -62,7 +62,7 @@ class KernelConfig:
     num_warps: int
     block_m: int = 1
     num_stages: int = 1
-    split_k: int | None = None  # dot kernel: None = enough K-splits to fill the GPU; gemv: None = 1
+    split_k: int | None = None  # dot kernel: None = enough K-splits to fill the GPU
     act_left: bool = False  # dot kernel: A @ W.T instead of W @ A.T
 
 
@@ -140,71 +140,53 @@ def _absmax_offset(absmax_offset, NESTED: tl.constexpr):
 
 @triton.jit
 def _gemv_4bit_kernel(
-    A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out, workspace, counters,
+    A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
     M, N, K, stride_am, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_SHFL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
 ):
     """``out[m, n-tile] = sum_k A[m, k] * W[n, k]`` on CUDA cores, one row of A per program.
 
-    Needs ``K % (SPLIT_K * BLOCK_K) == 0`` and ``K % BLOCKSIZE == 0``. The next K-tile's words,
-    scales and activations are loaded before the current one is used (two tiles of loads in
-    flight). With ``SPLIT_K > 1`` the ``SPLIT_K`` programs of a tile each sum one slice of K and
-    reduce through ``workspace`` and ``counters`` as the dot kernel does (:func:`_split_k_reduce`):
-    more programs for weights with few rows, whose GEMV is otherwise latency-bound.
-
-    Layout: the word offsets carry a contiguity hint of 1, so a thread holds one word per
-    ``32 * num_warps`` consecutive words (warp accesses stay coalesced) instead of a vector of
-    adjacent words. Its 8 codes then sit in the same thread as the 8 activations of a 16-byte load
-    of ``A``, and no shared-memory layout conversion is needed per tile (with adjacent words per
-    thread the activation tile made a shared-memory round trip and two barriers per tile)."""
+    Needs ``K % BLOCK_K == 0`` and ``K % BLOCKSIZE == 0``. The next K-tile's words and scales are
+    loaded before the current one is used, to keep two tiles of loads in flight per warp."""
     pid = tl.program_id(0)
-    split = pid % SPLIT_K
-    tile = pid // SPLIT_K
-    pid_m = tile % M
-    pid_n = tile // M
+    pid_m = pid % M
+    pid_n = pid // M
     GROUP: tl.constexpr = min(BLOCKSIZE, BLOCK_K)  # elements sharing one scale inside a tile
     NB: tl.constexpr = BLOCK_K // GROUP
     WG: tl.constexpr = GROUP // 8
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)  # tail rows recompute row N-1; not stored
     g = tl.arange(0, NB)
-    word_offsets = tl.max_contiguous((g * WG)[None, :, None] + tl.arange(0, WG)[None, None, :], [1, 1, 1])
-    words_ptrs = B.to(tl.pointer_type(tl.uint32)) + rows_c[:, None, None] * (K // 8) + word_offsets
+    words_ptrs = (
+        B.to(tl.pointer_type(tl.uint32))
+        + rows_c[:, None, None] * (K // 8)
+        + (g * WG)[None, :, None]
+        + tl.arange(0, WG)[None, None, :]
+    )
     blk = rows_c[:, None] * (K // BLOCKSIZE) + (g * GROUP // BLOCKSIZE)[None, :]
     a_ptrs = A + pid_m.to(tl.int64) * stride_am + (g * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
     offset = _absmax_offset(absmax_offset, NESTED)
     lane_code = _lane_code(code) if USE_SHFL else 0.0
 
-    k_len = K // SPLIT_K
-    k_begin = split * k_len
-    k_last = k_begin + k_len - BLOCK_K
     acc = tl.zeros([BLOCK_N, NB, WG], dtype=tl.float32)
-    words = tl.load(words_ptrs + k_begin // 8)
-    scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_begin // BLOCKSIZE, NESTED)
-    a = tl.load(a_ptrs + k_begin)
-    for k0 in range(k_begin, k_begin + k_len, BLOCK_K):
-        k_next = tl.minimum(k0 + BLOCK_K, k_last)
+    words = tl.load(words_ptrs)
+    scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk, NESTED)
+    for k0 in range(0, K, BLOCK_K):
+        k_next = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
         words_next = tl.load(words_ptrs + k_next // 8)
         scale_next = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_next // BLOCKSIZE, NESTED)
-        a_next = tl.load(a_ptrs + k_next)
+        a = tl.load(a_ptrs + k0).to(tl.float32)
         codes = _dequant_words(words, 1.0, lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
         # Sum each word's 8 products (all in one thread), then scale once per word.
-        per_word = tl.sum(tl.reshape(codes * a.to(tl.float32)[None, :, :], [BLOCK_N, NB, WG, 8]), axis=3)
+        per_word = tl.sum(tl.reshape(codes * a[None, :, :], [BLOCK_N, NB, WG, 8]), axis=3)
         acc += per_word * scale[:, :, None]
         words = words_next
         scale = scale_next
-        a = a_next
-    res = tl.sum(tl.sum(acc, axis=2), axis=1)[:, None]  # [BLOCK_N, 1]: one row of A
-    ms = pid_m + tl.arange(0, 1)
-    mask = (rows[:, None] < N) & (ms[None, :] < M)
-    if SPLIT_K > 1:
-        tile_offsets = ms[None, :].to(tl.int64) * N + rows[:, None]
-        res, last = _split_k_reduce(res, workspace, counters, tile, split, M, N, tile_offsets, mask, SPLIT_K)
-        if last:
-            _store_out(res, bias, rows_c, out, ms, rows, stride_om, mask, HAS_BIAS)
-    else:
-        _store_out(res, bias, rows_c, out, ms, rows, stride_om, mask, HAS_BIAS)
+    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        res += tl.load(bias + rows_c).to(tl.float32)
+    tl.store(out + pid_m.to(tl.int64) * stride_om + rows, res.to(out.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -276,27 +258,17 @@ def _gemm_4bit_dot_kernel(
     mask = (rows[:, None] < N) & (ms[None, :] < M)
     tile_offsets = ms[None, :].to(tl.int64) * N + rows[:, None]
     if SPLIT_K > 1:
-        acc, last = _split_k_reduce(acc, workspace, counters, tile, split, M, N, tile_offsets, mask, SPLIT_K)
-        if last:
+        tl.store(workspace + split * M * N + tile_offsets, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the counter is released
+        arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(workspace + s * M * N + tile_offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counters + tile, 0)
             _store_out(acc, bias, rows_c, out, ms, rows, stride_om, mask, HAS_BIAS)
     else:
         _store_out(acc, bias, rows_c, out, ms, rows, stride_om, mask, HAS_BIAS)
-
-
-@triton.jit
-def _split_k_reduce(acc, workspace, counters, tile, split, M, N, tile_offsets, mask, SPLIT_K: tl.constexpr):
-    """Deterministic split-K reduction of one output tile: each split stores its fp32 partial
-    ``acc`` in ``workspace [SPLIT_K, M, N]`` and bumps ``counters[tile]``; the last to arrive sums
-    the partials in split order and resets the counter to 0. Returns ``(sum, is_last)``."""
-    tl.store(workspace + split * M * N + tile_offsets, acc, mask=mask)
-    tl.debug_barrier()  # every thread's partial is stored before the counter is released
-    arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
-    total = tl.zeros(acc.shape, dtype=tl.float32)
-    if arrived == SPLIT_K - 1:
-        for s in tl.static_range(SPLIT_K):
-            total += tl.load(workspace + s * M * N + tile_offsets, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(counters + tile, 0)
-    return total, arrived == SPLIT_K - 1
 
 
 @triton.jit
@@ -418,14 +390,6 @@ def _counters(tiles: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
-def _split_k_buffers(split_k: int, M: int, N: int, tiles: int, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 partials ``[split_k, M, N]`` and zeroed arrival counters for a split-K launch (the
-    ``dummy`` pointer twice without a split)."""
-    if split_k == 1:
-        return dummy, dummy
-    return torch.empty((split_k, M, N), dtype=torch.float32, device=dummy.device), _counters(tiles, dummy.device)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 activations keep fp32 products (the reference's F.linear); 16-bit ones use the MMA.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -484,19 +448,21 @@ def gemm_4bit_fused(
     common = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None)
     if path == "gemv":
         cfg = config or _gemv_config(N, K)
-        tiles = _cdiv(N, cfg.block_n) * M
-        split_k = cfg.split_k or 1
-        workspace, counters = _split_k_buffers(split_k, M, N, tiles, dummy)
-        _gemv_4bit_kernel[(tiles * split_k,)](
-            A, *args, workspace, counters, M, N, K, A.stride(0), out.stride(0), **common,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, USE_SHFL=use_shfl,
+        grid = (_cdiv(N, cfg.block_n) * M,)
+        _gemv_4bit_kernel[grid](
+            A, *args, M, N, K, A.stride(0), out.stride(0), **common,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=use_shfl,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif path == "dot":
         cfg = config or _dot_config(M, N, K)
         tiles = _cdiv(N, cfg.block_n) * _cdiv(M, cfg.block_m)
         split_k = cfg.split_k or _split_k(tiles, K, cfg.block_k, cfg.block_m, A.device)
-        workspace, counters = _split_k_buffers(split_k, M, N, tiles, dummy)
+        if split_k > 1:
+            workspace = torch.empty((split_k, M, N), dtype=torch.float32, device=A.device)
+            counters = _counters(tiles, A.device)
+        else:
+            workspace = counters = dummy
         _gemm_4bit_dot_kernel[(tiles * split_k,)](
             A, *args, workspace, counters, M, N, K, A.stride(0), out.stride(0), **common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, ACT_LEFT=cfg.act_left,
