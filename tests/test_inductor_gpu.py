@@ -98,8 +98,8 @@ def _assert_states_match(got_states, want_states):
 
 
 def test_adamw_8bit_step_is_one_kernel_per_tensor():
-    """The compiled 8-bit AdamW step over three parameters (``step_8bit_blockwise``, tensor lr and
-    step): Inductor calls the in-place op on the state buffers, no generated kernel and no copy,
+    """The compiled 8-bit AdamW step over three parameters (``step_8bit_blockwise``, tensor lr,
+    step, beta3 and alpha): Inductor calls the in-place op on the state buffers, no generated kernel and no copy,
     so each tensor is one launch of the hand-written fused kernel; results equal the eager op."""
     shapes = [(4096, 1024), (1024,), (256, 4096)]
     qmap1, qmap2, states = _adam_states(shapes)
@@ -108,10 +108,12 @@ def test_adamw_8bit_step_is_one_kernel_per_tensor():
     lr = torch.tensor(1e-3, dtype=torch.float64, device="cuda")
     step = torch.tensor(1.0, device="cuda")
 
+    zero = torch.zeros((), dtype=torch.float64, device="cuda")  # beta3, alpha: unused by adam
+
     def adamw_step(states, grads, lr, step):
         for (p, s1, s2, a1, a2), g in zip(states, grads):
             step_8bit_blockwise("adam", g, p, s1, s2, qmap1, qmap2, a1, a2, lr=lr, step=step,
-                                beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+                                beta1=0.9, beta2=0.999, beta3=zero, alpha=zero, eps=1e-8, weight_decay=0.01)
 
     torch._dynamo.reset()
     compiled = torch.compile(adamw_step, fullgraph=True)

@@ -11,7 +11,7 @@ drawn on the GPU, static KV cache: a greedy loop of ``--steps`` single-token ste
 * ``bf16 compiled``: ``torch.compile(mode="reduce-overhead", fullgraph=True)``;
 * ``nf4 compiled (ours)``: every linear but ``lm_head`` quantized by ``quantize_model`` (NF4,
   blocksize 64, double-quantized absmax), ``inductor_quant.compile`` with the same mode;
-* ``nf4 compiled (ours, lm_head too)``: the same with ``lm_head`` quantized as well (what
+* ``nf4 compiled (ours) + nf4 lm_head``: the same with ``lm_head`` quantized as well (what
   gpt-fast / torchao int4 do; bitsandbytes users usually keep it in bf16);
 * ``nf4 eager (ours)``: the same model uncompiled (our gemm_4bit kernel per linear);
 * ``bnb nf4 eager``: the same layers as ``bitsandbytes.nn.Linear4bit`` (skipped without bnb);
@@ -178,7 +178,7 @@ def decode_results(layers: int, steps: int, only: list[str] | None = None) -> li
     variants = [
         ("bf16 compiled", lambda: bf16, compiled),
         ("nf4 compiled (ours)", nf4_model, ours_compiled),
-        ("nf4 compiled (ours, lm_head too)", lambda: nf4_model(skip=()), ours_compiled),
+        ("nf4 compiled (ours) + nf4 lm_head", lambda: nf4_model(skip=()), ours_compiled),
         ("nf4 eager (ours)", nf4_model, lambda model: model),
         ("bnb nf4 eager", lambda: to_bitsandbytes(bf16), lambda model: model),
         ("bnb nf4 compiled", lambda: to_bitsandbytes(bf16), compiled),
@@ -255,7 +255,7 @@ def optimizer_results(numel: int) -> list[Result]:
         def compiled_step(state=state):
             for p, g, s1, s2, a1, a2 in state.tensors():
                 step_8bit_blockwise("adam", g, p, s1, s2, state.qmap1, state.qmap2, a1, a2, lr=lr, step=step,
-                                    beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WD)
+                                    beta1=BETA1, beta2=BETA2, beta3=zero, alpha=zero, eps=EPS, weight_decay=WD)
 
         def generated_step(state=state):
             for p, g, s1, s2, a1, a2 in state.tensors():

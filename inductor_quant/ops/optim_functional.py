@@ -226,10 +226,12 @@ def as_scalar_tensor(value: float | int | torch.Tensor, like: torch.Tensor) -> t
     """``value`` as a 1-element tensor on ``like``'s device (float64 for a Python number).
 
     Tensors pass through unchanged, so a tensor ``lr`` stays a graph input and changing its
-    value does not recompile; a Python number becomes a constant of the compiled graph."""
+    value does not recompile; a Python number becomes a constant of the compiled graph (a tiny
+    generated fill kernel: pass tensors for none). The number is filled in on the device, not
+    copied from the host, so this also works while a CUDA graph is being captured."""
     if isinstance(value, torch.Tensor):
         return value
-    return torch.tensor(float(value), dtype=torch.float64, device=like.device)
+    return torch.full((), float(value), dtype=torch.float64, device=like.device)
 
 
 def step_8bit_blockwise(
