@@ -500,4 +500,5 @@ def test_8bit_search_tables_are_cached_per_map_and_version():
     assert len(k8._TABLE_CACHE) == 3
     with torch.inference_mode():  # no version counter: built per call, never cached
         check_quantize_blockwise(A, torch.linspace(-1, 1, 256), 256)
+    check_quantize_blockwise(A, torch.linspace(-1, 1, 512)[::2], 256)  # non-contiguous: never cached
     assert len(k8._TABLE_CACHE) == 3

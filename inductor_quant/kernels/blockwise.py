@@ -361,18 +361,18 @@ def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple
     holds the map, so its memory cannot be reused while cached; an in-place change bumps the
     version). The cached buffer is allocated outside any CUDA-graph pool
     (``to_device_constant``). While a CUDA graph is being captured, or for a map without a
-    version counter (an inference tensor), the tables are built per call instead: a captured
-    build runs only at replay, so caching its buffer would hand later calls unwritten tables."""
-    code = code.contiguous()
+    version counter (an inference tensor) or a non-contiguous one (its contiguous copy is new
+    every call), the tables are built per call instead: a captured build runs only at replay, so
+    caching its buffer would hand later calls unwritten tables."""
     nbytes = 2 * CODE_ENTRIES * 4 + config.buckets + 4
     capturing = code.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     try:
         key = (code.device, code.data_ptr(), code._version, config.key_shift, config.buckets)
     except RuntimeError:  # inference tensors carry no version counter
         key = None
-    if capturing or key is None:
+    if capturing or key is None or not code.is_contiguous():
         tables = torch.empty(nbytes, dtype=torch.uint8, device=code.device)
-        _build_search_tables(code, config, tables)
+        _build_search_tables(code.contiguous(), config, tables)
         return _split_tables(tables, config)
     entry = _TABLE_CACHE.get(key)
     if entry is None:
