@@ -27,7 +27,8 @@ is recorded once per dequantize (``records.fusion_decisions()``, counter
 ``dequant_multi_consumer``). Rejected candidates are recorded with the reason.
 
 Counters (``counters["inductor_quant"]``): ``gemm_4bit_mm``, ``gemm_4bit_addmm``, ``gemm_4bit_mv``,
-``gemm_4bit_nested_mm``/``_addmm``/``_mv``, ``linear_8bit_mm``/``_addmm``/``_mv`` (one per rewrite) and ``dequant_linear_nodes`` (FX nodes matched by those rewrites).
+``gemm_4bit_nested_mm``/``_addmm``/``_mv``, ``linear_8bit_mm``/``_addmm``/``_mv`` (one per rewrite)
+and ``dequant_linear_nodes`` (FX nodes matched by those rewrites).
 """
 
 from __future__ import annotations
@@ -184,14 +185,16 @@ def _check_mv(pattern: str, kind: str, match: Match) -> bool:
     """:func:`_check` for the decomposed one-row matmul, plus: the product runs in fp32 (both
     factors widened, or already fp32) and the result is rounded to the activation's dtype, as
     ``mm`` would return it."""
+    if not _check(pattern, kind, match):
+        return False
     kw = match.kwargs
     x = _val(kw["x"])
-    if x is not None and x.dim() != 2:
-        return _reject(pattern, match, f"the activation is {x.dim()}-D, not one row [1, K]")
+    if x.dim() != 2:
+        return _reject(pattern, match, f"the activation is {x.dim()}-D, not [M, K]")
     widened = "opmath_x" in kw
-    if widened and not (kw["opmath_x"] == kw["opmath_w"] == torch.float32 and kw["out_dtype"] == _val(kw["x"]).dtype):
+    if widened and not (kw["opmath_x"] == kw["opmath_w"] == torch.float32 and kw["out_dtype"] == x.dtype):
         return _reject(pattern, match, "the products are not taken in fp32 and rounded back to the activation's dtype")
-    return _check(pattern, kind, match)
+    return True
 
 
 def _record_consumers(pattern: str, match: Match, kind: str) -> None:

@@ -29,7 +29,7 @@ import torch.fx
 
 from . import records
 
-__all__ = ["STANDALONE_KEY", "QUANT_OPS", "KERNEL_DEVICES", "mark_standalone_quant_ops", "is_standalone"]
+__all__ = ["STANDALONE_KEY", "QUANT_OPS", "KERNEL_DEVICES", "mark_standalone_quant_ops"]
 
 aten = torch.ops.aten
 iq = torch.ops.inductor_quant
@@ -133,8 +133,3 @@ def mark_standalone_quant_ops(graph: torch.fx.Graph) -> int:
         records.bump("quant_op_to_kernel")
         records.record("standalone", node, "kernel", "no pointwise neighbour to fuse with: calls the hand-written kernel")
     return marked
-
-
-def is_standalone(node: torch.fx.Node | None) -> bool:
-    """Whether the pass marked ``node`` for its hand-written kernel."""
-    return node is not None and bool(node.meta.get(STANDALONE_KEY))
