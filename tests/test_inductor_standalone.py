@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
@@ -92,7 +91,7 @@ def test_ops_with_a_fusible_neighbour_are_lowered(cpu_has_kernels):
 def test_a_matmul_consumer_is_not_fusible(cpu_has_kernels):
     """A dequantize feeding a matmul the rewrite leaves alone (an untransposed weight) is written
     to memory for the extern mm either way: the kernel writes it."""
-    x, packed, absmax, _, _ = quant_inputs()
+    _, packed, absmax, _, _ = quant_inputs()
     activation = torch.randn(4, 64)
 
     def fn(activation, packed, absmax):

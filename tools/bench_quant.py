@@ -101,6 +101,8 @@ class Case:
             "quantize_blockwise": lambda: ops.quantize_blockwise(A, self.code8, BS8),
             "dequantize_blockwise": lambda: ops.dequantize_blockwise(self.q8, self.absmax8, self.code8, BS8, DTYPE),
         }
+        # The lambdas share code objects across shapes and configs: start each case with an empty
+        # Dynamo cache so that no shape hits the recompile limit (which would silently run eagerly).
         return {op: iq_compile(fn, fullgraph=True, dynamic=False, pass_config=config) for op, fn in calls.items()}
 
     def kernel_calls(self) -> dict:
@@ -141,6 +143,7 @@ def run(copy_bw: float, shapes=SHAPES) -> list[benchlib.Row]:
     rows: list[benchlib.Row] = []
     bnb = _bnb_ops()
     for shape in shapes:
+        torch._dynamo.reset()  # see Case.compiled_calls
         case = Case(shape)
         impls = {
             "inductor_quant": case.op_calls(torch.ops.inductor_quant),
@@ -178,6 +181,7 @@ def check(shapes=SHAPES) -> bool:
     ok = True
     bnb = _bnb_ops()
     for shape in shapes:
+        torch._dynamo.reset()  # see Case.compiled_calls
         case = Case(shape)
         A, ops = case.A, torch.ops.inductor_quant
         ref_packed, ref_absmax4 = ref4.quantize_4bit(A, BS4, "nf4", torch.uint8)
