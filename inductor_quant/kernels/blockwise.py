@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
-from ._constants import to_device_constant
+from ._constants import MapCache, to_device_constant
 
 __all__ = [
     "block_absmax",
@@ -332,14 +331,16 @@ def _check_flat_output(out: torch.Tensor, name: str, numel: int, dtype: torch.dt
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-_TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-_TABLE_CACHE_SIZE = 32
+_TABLE_CACHE: MapCache[torch.Tensor] = MapCache()
+_TABLE_BYTES = 2 * CODE_ENTRIES * 4 + 4  # + one byte per bucket
 
 
-def _build_search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig, tables: torch.Tensor) -> None:
-    """Launch the one-program table kernel for ``code`` into ``tables`` (see :func:`_split_tables`)."""
+def _build_search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig, tables: torch.Tensor) -> torch.Tensor:
+    """Launch the one-program table kernel for ``code`` into ``tables`` (see :func:`_split_tables`);
+    returns ``tables``."""
     mid, first, fullest = _split_tables(tables, config)
     _search_tables_kernel[(1,)](code, mid, first, fullest, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets)
+    return tables
 
 
 def _split_tables(tables: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple[torch.Tensor, ...]:
@@ -357,33 +358,20 @@ def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple
     """``(mid, first, fullest)`` for ``code`` and the bucket shape of ``config``.
 
     Building them is a one-program launch that costs more than quantizing a small tensor (26-44 µs
-    on an H100), so they are cached by the map's data pointer and version counter (the entry
-    holds the map, so its memory cannot be reused while cached; an in-place change bumps the
-    version). The cached buffer is allocated outside any CUDA-graph pool
-    (``to_device_constant``). While a CUDA graph is being captured, or for a map without a
-    version counter (an inference tensor) or a non-contiguous one (its contiguous copy is new
-    every call), the tables are built per call instead: a captured build runs only at replay, so
-    caching its buffer would hand later calls unwritten tables."""
-    nbytes = 2 * CODE_ENTRIES * 4 + config.buckets + 4
-    capturing = code.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    try:
-        key = (code.device, code.data_ptr(), code._version, config.key_shift, config.buckets)
-    except RuntimeError:  # inference tensors carry no version counter
-        key = None
-    if capturing or key is None or not code.is_contiguous():
+    on an H100), so they are cached per map (:class:`MapCache`: data pointer and version counter),
+    in a buffer allocated outside any CUDA-graph pool (``to_device_constant``). While a CUDA graph
+    is being captured, or for a non-contiguous map (its contiguous copy is new every call), they
+    are built per call instead: a captured build runs only at replay, so caching its buffer would
+    hand later calls unwritten tables."""
+    nbytes = _TABLE_BYTES + config.buckets
+    if not code.is_contiguous() or (code.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         tables = torch.empty(nbytes, dtype=torch.uint8, device=code.device)
-        _build_search_tables(code.contiguous(), config, tables)
-        return _split_tables(tables, config)
-    entry = _TABLE_CACHE.get(key)
-    if entry is None:
-        tables = to_device_constant(torch.empty(nbytes, dtype=torch.uint8), code.device)
-        _build_search_tables(code, config, tables)
-        entry = _TABLE_CACHE[key] = (code, tables)
-        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-    else:
-        _TABLE_CACHE.move_to_end(key)
-    return _split_tables(entry[1], config)
+        return _split_tables(_build_search_tables(code.contiguous(), config, tables), config)
+
+    def build() -> torch.Tensor:
+        return _build_search_tables(code, config, to_device_constant(torch.empty(nbytes, dtype=torch.uint8), code.device))
+
+    return _split_tables(_TABLE_CACHE.get((code,), build, extra=(config.key_shift, config.buckets)), config)
 
 
 def quantize_blockwise(

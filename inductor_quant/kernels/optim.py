@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._constants import to_device_constant
+from ._constants import MapCache, to_device_constant
 
 __all__ = [
     "BLOCKSIZE",
@@ -745,31 +745,16 @@ def _build_search_tables(qmap1: torch.Tensor, qmap2: torch.Tensor) -> SearchTabl
     return SearchTables(to_device_constant(mids, device), to_device_constant(lut, device), search, min(k, MAX_BUCKET_CODES), int((maps[0] < 0).sum()))
 
 
-_TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, SearchTables]] = OrderedDict()
-_TABLE_CACHE_SIZE = 32
+_TABLE_CACHE: MapCache[SearchTables] = MapCache()
 
 
 def search_tables(qmap1: torch.Tensor, qmap2: torch.Tensor | None) -> SearchTables:
     """Search tables for ``qmap1`` and ``qmap2`` (``qmap1`` twice for 1-state optimizers).
 
-    Built on the host (one device sync) the first time a map is seen, then cached by data pointer
-    and version counter. The entry holds the maps, so their memory cannot be reused by another
-    storage while it lives; views of one storage share its version counter, so an in-place change
-    through any of them is seen."""
+    Built on the host (one device sync) the first time a map is seen, then cached per map
+    (:class:`MapCache`: data pointer and version counter)."""
     qmap2 = qmap1 if qmap2 is None else qmap2
-    try:
-        key = (qmap1.device, qmap1.data_ptr(), qmap1._version, qmap2.data_ptr(), qmap2._version)
-    except RuntimeError:  # inference tensors carry no version counter: build every time
-        return _build_search_tables(qmap1, qmap2)
-    entry = _TABLE_CACHE.get(key)
-    if entry is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return entry[2]
-    tables = _build_search_tables(qmap1, qmap2)
-    _TABLE_CACHE[key] = (qmap1, qmap2, tables)
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return tables
+    return _TABLE_CACHE.get((qmap1, qmap2), lambda: _build_search_tables(qmap1, qmap2))
 
 
 _HYPER_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -783,7 +768,7 @@ def _hyper_table(device: torch.device, beta1: float, beta2: float, eps: float, w
     if table is None:
         table = to_device_constant(torch.tensor([beta1, beta2, eps, weight_decay], dtype=torch.float64), device)
         _HYPER_CACHE[key] = table
-        if len(_HYPER_CACHE) > _TABLE_CACHE_SIZE:
+        if len(_HYPER_CACHE) > _TABLE_CACHE.size:
             _HYPER_CACHE.popitem(last=False)
     else:
         _HYPER_CACHE.move_to_end(key)
