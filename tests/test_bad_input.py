@@ -88,6 +88,12 @@ CASES = {
     "gemm/quant_type": (lambda: ops.gemm_4bit(X, P4, SHAPEB, ABSMAX4, 64, "fp8"), ValueError, r"^quant_type must be one of"),
     "gemm/absmax numel": (lambda: ops.gemm_4bit(X, P4, SHAPEB, ABSMAX4[:-1], 64, "nf4"), RuntimeError, r"^absmax must have 64 elements"),
     "gemm/blocksize": (lambda: ops.gemm_4bit(X, P4, SHAPEB, ABSMAX4, 8192, "nf4"), ValueError, r"^blocksize .*got 8192"),
+    # gemm_4bit_grouped: list lengths, and a bad weight named by its index
+    "grouped/no weights": (lambda: ops.gemm_4bit_grouped(X, [], [], [], 64, "nf4"), ValueError, r"^B must hold at least one packed weight"),
+    "grouped/out_features length": (lambda: ops.gemm_4bit_grouped(X, [P4, P4], [64], [ABSMAX4, ABSMAX4], 64, "nf4"), ValueError, r"^out_features must have one entry per weight in B \(2\), got 1"),
+    "grouped/bias length": (lambda: ops.gemm_4bit_grouped(X, [P4, P4], SHAPEB[:1] * 2, [ABSMAX4, ABSMAX4], 64, "nf4", [torch.randn(64)]), ValueError, r"^bias must have one entry per weight in B \(2\), got 1"),
+    "grouped/second absmax": (lambda: ops.gemm_4bit_grouped(X, [P4, P4], SHAPEB[:1] * 2, [ABSMAX4, ABSMAX4[:-1]], 64, "nf4"), RuntimeError, r"^weight 1 of the group \(B\[1\], absmax\[1\], ...\): absmax must have 64 elements"),
+    "grouped/K": (lambda: ops.gemm_4bit_grouped(X[:, :32], [P4], SHAPEB[:1], [ABSMAX4], 64, "nf4"), RuntimeError, r"^weight 0 of the group .*: B must hold .* = 1024 bytes for n = 2048 4-bit values"),
 }
 
 

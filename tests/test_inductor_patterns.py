@@ -285,6 +285,124 @@ def test_negative_cases_do_not_match():
 
 
 # --------------------------------------------------------------------------------------------
+# sibling 4-bit matmuls -> gemm_4bit_grouped
+
+
+def _projections(sizes, k=64, quant_types=None, nested=False):
+    """Packed weights ``[n, k]`` for each n, with their (optionally double-quantized) absmax."""
+    weights = []
+    for i, n in enumerate(sizes):
+        quant_type = quant_types[i] if quant_types else "nf4"
+        # N(0, 1/k) weights keep activations O(1) through the chained projections (bf16 case)
+        packed, absmax = iq.quantize_4bit(torch.randn(n, k) * k**-0.5, 64, quant_type, torch.uint8)
+        extra = ()
+        if nested:
+            offset = absmax.mean()
+            code = dynamic_map()
+            absmax_8bit, outer = iq.quantize_blockwise(absmax - offset, code, 256)
+            extra = (absmax_8bit, outer, code, offset)
+        weights.append((packed, absmax, quant_type, n, extra))
+    return weights
+
+
+def _linear(x, weight):
+    packed, absmax, quant_type, n, extra = weight
+    if extra:
+        absmax_8bit, outer, code, offset = extra
+        absmax = iq.dequantize_blockwise(absmax_8bit, outer, code, 256, torch.float32) + offset
+    return F.linear(x, iq.dequantize_4bit(packed, absmax, 64, quant_type, [n, packed.numel() * 2 // n], x.dtype))
+
+
+@pytest.mark.parametrize("dtype, nested", [(torch.float32, False), (torch.bfloat16, True)])
+def test_sibling_projections_become_one_grouped_op(dtype, nested):
+    """A decode step's q/k/v and gate/up (each linear flattening the activation with its own view)
+    -> two gemm_4bit_grouped; the output projection, which reads another activation, stays
+    gemm_4bit. The result equals the compile without grouping bit for bit."""
+    qkv, gate_up, out_proj = _projections((64, 16, 16), nested=nested), _projections((96, 96), nested=nested), \
+        _projections((64,), nested=nested)
+    x = torch.randn(1, 1, 64, dtype=dtype)
+
+    def fn(x):
+        q, k, v = (_linear(x, w) for w in qkv)
+        h = x + _linear((q[..., :16] * k + v).repeat(1, 1, 4), out_proj[0])
+        gate, up = (_linear(h, w) for w in gate_up)
+        return F.silu(gate) * up
+
+    _, ungrouped, _ = run_compiled(fn, x, pass_config=QuantPassConfig(group_sibling_matmuls=False))
+    expected, actual, source = run_compiled(fn, x)
+    torch.testing.assert_close(actual, ungrouped, rtol=0, atol=0)  # the grouped op is the same arithmetic
+    # vs eager: bf16 differs by the roundings Inductor's fused pointwise code skips (|out| ~ 10)
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=0.1 if dtype == torch.bfloat16 else 1e-5)
+    name = "gemm_4bit_nested_mm" if nested else "gemm_4bit_mm"
+    assert quant_counters() == {name: 6, "dequant_linear_nodes": 6 * (5 if nested else 3), "gemm_4bit_grouped": 2,
+                                "gemm_4bit_grouped_members": 5}
+    assert calls(source, "torch.ops.inductor_quant.gemm_4bit_grouped.default") == 2
+    assert calls(source, "torch.ops.inductor_quant.gemm_4bit.default") == 1
+    grouped = [d for d in records.fusion_decisions() if d.pattern == "sibling_matmuls"]
+    assert [d.reason.split(" ")[0] for d in grouped] == ["3", "2"]
+
+
+def test_more_siblings_than_one_launch_takes_are_split():
+    weights = _projections((8, 16, 24, 32, 40, 48))
+    x = torch.randn(1, 64)
+    expected, actual, source = run_compiled(lambda x: [_linear(x, w) for w in weights], x)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+    assert quant_counters()["gemm_4bit_grouped"] == 2  # 4 + 2
+    assert quant_counters()["gemm_4bit_grouped_members"] == 6
+
+
+def test_siblings_that_cannot_share_a_launch_are_not_grouped():
+    """Different quant types, a bias on one weight only, different activations, too many rows,
+    or the pass turned off: every matmul stays its own gemm_4bit."""
+    nf4, fp4 = _projections((32, 32), quant_types=["nf4", "fp4"])
+    plain = _projections((32,))[0]
+    bias = torch.randn(32)
+    x, y = torch.randn(1, 64), torch.randn(1, 64)
+
+    def mixed(x, y):
+        return _linear(x, nf4), _linear(x, fp4), _linear(x, plain) + 0, _linear(y, nf4)
+
+    def with_bias(x):
+        return _linear(x, nf4), F.linear(x, iq.dequantize_4bit(plain[0], plain[1], 64, "nf4", [32, 64], x.dtype), bias)
+
+    big = torch.randn(129, 64)  # more rows than the fused kernels take
+    cases = [(mixed, (x, y), {}), (with_bias, (x,), {}), (lambda x: (_linear(x, nf4), _linear(x, plain)), (big,), {}),
+             (lambda x: (_linear(x, nf4), _linear(x, plain)), (x,), {"pass_config": QuantPassConfig(group_sibling_matmuls=False)})]
+    grouped_once = 0
+    for fn, args, kwargs in cases:
+        expected, actual, source = run_compiled(fn, *args, **kwargs)
+        for a, e in zip(actual, expected):
+            assert_close(a, e)
+        grouped_once += quant_counters().get("gemm_4bit_grouped", 0)
+        assert quant_counters().get("gemm_4bit_mm", 0) + quant_counters().get("gemm_4bit_addmm", 0) >= 2
+    # `mixed` has one legitimate pair: x @ nf4 and x @ plain (same quant type, both without bias)
+    assert grouped_once == 1
+
+
+def test_quantized_llama_decode_groups_each_layers_projections():
+    """quantize_model (NF4, double-quantized absmax) on the built-in Llama: one decode step
+    compiles to two gemm_4bit_grouped per layer (q/k/v, gate/up), logits equal eager."""
+    from inductor_quant.models import build_model
+    from inductor_quant.nn import quantize_model
+
+    model = build_model()
+    quantize_model(model, quant_type="nf4", blocksize=64, compress_statistics=True, skip=("lm_head",))
+    token, position = torch.tensor([[5]]), torch.tensor([3])
+    with torch.no_grad():
+        model.setup_caches(1)
+        expected = model(token, position)
+        model.setup_caches(1)
+        torch._dynamo.reset()
+        counters.clear()
+        actual = iq_compile(model, fullgraph=True)(token, position)
+    assert_close(actual, expected)
+    layers = model.config.n_layers
+    assert quant_counters()["gemm_4bit_grouped"] == 2 * layers
+    assert quant_counters()["gemm_4bit_grouped_members"] == 5 * layers
+
+
+# --------------------------------------------------------------------------------------------
 # a quantized transformer block
 
 

@@ -170,6 +170,51 @@ def test_unaligned_layouts_take_the_generic_kernel():
     _check(weight.fused(A), A, weight)
 
 
+def _grouped(weights, biases=None):
+    biases = biases or [None] * len(weights)
+    return [kernels.QuantizedWeight(w.B, w.N, w.absmax, **w.nested, bias=b) for w, b in zip(weights, biases)]
+
+
+def _check_grouped(out, A, weights, biases=None):
+    biases = biases or [None] * len(weights)
+    assert out.shape == (A.shape[0], sum(w.N for w in weights))
+    column = 0
+    for w, b in zip(weights, biases):
+        _check(out[:, column : column + w.N], A, w, b)
+        column += w.N
+
+
+@pytest.mark.parametrize(
+    "sizes, K, dtype, nested, has_bias",
+    [
+        ((64, 30, 46), 256, torch.float32, False, False),  # q/k/v-like: tails inside every weight
+        ((40, 40), 512, torch.float16, True, True),  # gate/up-like
+        ((8, 16, 24, 12), 128, torch.float32, True, False),  # four weights: every kernel slot
+    ],
+)
+def test_grouped_gemv_one_launch_matches_each_weight(sizes, K, dtype, nested, has_bias, monkeypatch):
+    weights = [Weight(N, K, nested=nested) for N in sizes]
+    biases = [torch.randn(w.N).to(dtype) for w in weights] if has_bias else None
+    A = torch.randn(1, K).to(dtype)
+    launches = []
+    monkeypatch.setattr(kernels, "gemm_4bit_fused", lambda *a, **k: launches.append(a))  # must not be called
+    out = torch.full((1, sum(sizes)), float("nan"), dtype=dtype)
+    kernels.gemm_4bit_grouped_fused(A, _grouped(weights, biases), K, weights[0].code, 64, out=out)
+    assert not launches
+    _check_grouped(out, A, weights, biases)
+
+
+@pytest.mark.parametrize(
+    "M, mixed", [(3, False), (1, True)], ids=["several rows", "one nested, one plain weight"]
+)
+def test_grouped_falls_back_to_one_fused_call_per_weight(M, mixed):
+    weights = [Weight(40, 256, nested=True), Weight(24, 256, nested=not mixed)]
+    A = torch.randn(M, 256)
+    out = torch.full((M, 64), float("nan"))
+    kernels.gemm_4bit_grouped_fused(A, _grouped(weights), 256, weights[0].code, 64, out=out)
+    _check_grouped(out, A, weights)
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU: the registered GPU functions (argument handling), called with CPU tensors
 # ------------------------------------------------------------------------------------------------
@@ -250,8 +295,21 @@ def test_gemv_bad_code_table_raises():
                                    torch.ones(64), torch.ones(8), 64)
 
 
+def test_grouped_op_function_reshapes_and_takes_the_large_M_path():
+    weights = [Weight(40, 128, nested=True), Weight(24, 128, nested=True)]
+    args = (
+        [w.B for w in weights], [40, 24], [w.absmax for w in weights], 64, "nf4", None,
+        *([w.nested[k] for w in weights] for k in ("absmax_8bit", "absmax_code", "absmax_offset")),
+    )
+    for A in (torch.randn(1, 1, 128), torch.randn(2, 3, 128), torch.randn(kernels.FUSED_MAX_M + 1, 128)):
+        out = triton_gemm._gemm_4bit_grouped_gpu(A, *args)
+        assert out.shape == (*A.shape[:-1], 64)
+        _check_grouped(out.reshape(-1, 64), A.reshape(-1, 128), weights)
+
+
 def test_registered_for_gpu_device_types():
-    for op in ("inductor_quant::gemm_4bit", "inductor_quant::gemv_4bit", "inductor_quant::gemv_4bit.out"):
+    for op in ("inductor_quant::gemm_4bit", "inductor_quant::gemm_4bit_grouped", "inductor_quant::gemv_4bit",
+               "inductor_quant::gemv_4bit.out"):
         for key in ("CUDA", "XPU"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
 
@@ -361,3 +419,20 @@ def test_gpu_compiled_graph_calls_the_op():
     A = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(A), f(A), rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sizes, nested", [((4096, 1024, 1024), True), ((1000, 3000), False)])
+def test_gpu_grouped_gemv_equals_separate_gemms(dtype, sizes, nested):
+    """The grouped launch (shuffle lookup, bf16) gives each weight's gemm_4bit result bit for bit
+    (same per-row arithmetic, one launch)."""
+    K = 4096
+    weights = [Weight(N, K, 64, "nf4", nested=nested, device="cuda") for N in sizes]
+    A = torch.randn(1, K, device="cuda").to(dtype)
+    nested_lists = [[w.nested[k] for w in weights] for k in ("absmax_8bit", "absmax_code", "absmax_offset")] if nested else []
+    out = ops.gemm_4bit_grouped(A, [w.B for w in weights], list(sizes), [w.absmax for w in weights], 64, "nf4", None,
+                                *nested_lists)
+    separate = torch.cat([ops.gemm_4bit(A, w.B, [w.N, K], w.absmax, 64, "nf4", None, **w.nested) for w in weights], 1)
+    torch.testing.assert_close(out, separate, rtol=0, atol=0)
+    _check_grouped(out, A, weights)

@@ -212,6 +212,26 @@ def test_gemm_4bit_nested_many_blocks():
     opcheck(ops.gemm_4bit.default, (A, packed, [40, 300], outer, 32, "nf4", None, absmax_8bit, code, offset))
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested, has_bias", [(False, False), (True, True)])
+def test_gemm_4bit_grouped(dtype, nested, has_bias):
+    K, blocksize = 160, 64
+    weights = [ops.quantize_4bit(torch.randn(N, K, dtype=dtype), blocksize, "nf4", torch.uint8) for N in (3, 5, 2)]
+    packed = [w[0] for w in weights]
+    absmax = [w[1] for w in weights]
+    optional = {}
+    if has_bias:
+        optional["bias"] = [torch.randn(N, dtype=dtype) for N in (3, 5, 2)]
+    if nested:
+        parts = [_nested(a, torch.float32) for a in absmax]
+        absmax = [p[0] for p in parts]
+        optional.update(absmax_8bit=[p[1] for p in parts], absmax_code=[p[2] for p in parts],
+                        absmax_offset=[p[3] for p in parts])
+    for A in (torch.randn(2, 3, K, dtype=dtype), torch.randn(1, K, dtype=dtype)):
+        opcheck(ops.gemm_4bit_grouped.default, (A, packed, [3, 5, 2], absmax, blocksize, "nf4"), optional)
+
+
 OPTIMIZERS_32BIT = ["adam", "lamb", "ademamix", "momentum", "lars", "rmsprop", "lion", "adagrad"]
 OPTIMIZERS_8BIT = ["adam", "ademamix", "momentum", "rmsprop", "lion", "adagrad"]
 TWO_STATE = ("adam", "lamb", "ademamix")

@@ -13,6 +13,8 @@ drawn on the GPU, static KV cache: a greedy loop of ``--steps`` single-token ste
   blocksize 64, double-quantized absmax), ``inductor_quant.compile`` with the same mode;
 * ``nf4 compiled (ours) + nf4 lm_head``: the same with ``lm_head`` quantized as well (what
   gpt-fast / torchao int4 do; bitsandbytes users usually keep it in bf16);
+* ``nf4 compiled (ours) without grouping``: ``QuantPassConfig(group_sibling_matmuls=False)``,
+  one GEMV launch per projection (what the grouping pass saves);
 * ``nf4 eager (ours)``: the same model uncompiled (our gemm_4bit kernel per linear);
 * ``bnb nf4 eager``: the same layers as ``bitsandbytes.nn.Linear4bit`` (skipped without bnb);
 * ``bnb nf4 compiled``: that model under ``torch.compile`` with the same mode (skipped on error).
@@ -57,6 +59,7 @@ from inductor_quant.code_tables import dynamic_map  # noqa: E402
 from inductor_quant.compile import compile as iq_compile  # noqa: E402
 from inductor_quant.models import TinyLlama, TinyLlamaConfig  # noqa: E402
 from inductor_quant.nn import quantize_model  # noqa: E402
+from inductor_quant.patterns.pass_manager import QuantPassConfig  # noqa: E402
 from inductor_quant.ops.optim_functional import step_8bit_blockwise  # noqa: E402
 
 ops = torch.ops.inductor_quant
@@ -172,13 +175,17 @@ def decode_results(layers: int, steps: int, only: list[str] | None = None) -> li
     def compiled(model):
         return torch.compile(model, mode="reduce-overhead", fullgraph=True)
 
-    def ours_compiled(model):
-        return iq_compile(model, mode="reduce-overhead", fullgraph=True)
+    def ours_compiled(model, pass_config: QuantPassConfig | None = None):
+        return iq_compile(model, mode="reduce-overhead", fullgraph=True, pass_config=pass_config)
+
+    def ungrouped(model):
+        return ours_compiled(model, QuantPassConfig(group_sibling_matmuls=False))
 
     variants = [
         ("bf16 compiled", lambda: bf16, compiled),
         ("nf4 compiled (ours)", nf4_model, ours_compiled),
         ("nf4 compiled (ours) + nf4 lm_head", lambda: nf4_model(skip=()), ours_compiled),
+        ("nf4 compiled (ours) without grouping", nf4_model, ungrouped),
         ("nf4 eager (ours)", nf4_model, lambda model: model),
         ("bnb nf4 eager", lambda: to_bitsandbytes(bf16), lambda model: model),
         ("bnb nf4 compiled", lambda: to_bitsandbytes(bf16), compiled),

@@ -1,7 +1,7 @@
 """Fused 4-bit (NF4/FP4) matmul kernels: ``out = A @ W.T (+ bias)`` with ``W [N, K]`` packed.
 
 The packed weight is read once and dequantized in registers; the dequantized weight never goes
-to memory. Three kernels, chosen by :func:`gemm_4bit_fused`:
+to memory. Three kernels (and a grouped GEMV), chosen by :func:`gemm_4bit_fused`:
 
 * ``_gemv_4bit_kernel`` (M = 1, CUDA cores): one program per ``BLOCK_N`` rows and row of ``A``.
   The weight is loaded as 32-bit words (8 codes each); each code becomes ``code[q] * absmax`` in
@@ -10,6 +10,8 @@ to memory. Three kernels, chosen by :func:`gemm_4bit_fused`:
   (``dtype(code[q] * absmax)``, exactly the reference's weight), then ``tl.dot`` with an fp32
   accumulator. Programs that share a weight tile run next to each other, so the tile comes from L2
   for every M-tile after the first.
+* ``_gemv_4bit_grouped_kernel`` (M = 1, several weights, :func:`gemm_4bit_grouped_fused`): the
+  GEMV of up to four weights that read the same activations, in one launch and one output.
 * ``_gemm_4bit_generic_kernel`` (any shape): per-element byte, nibble and block indexing, for the
   layouts the word kernels cannot read: ``K % blocksize != 0`` (blocks straddle rows), odd ``N * K``
   or a packed buffer that is not 4-byte aligned. Still fused; slower.
@@ -29,7 +31,9 @@ Triton interpreter and other backends use the gather (``USE_SHFL=False``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -39,7 +43,10 @@ __all__ = [
     "NESTED_BLOCKSIZE",
     "FUSED_MAX_M",
     "KernelConfig",
+    "GROUPED_MAX_WEIGHTS",
+    "QuantizedWeight",
     "gemm_4bit_fused",
+    "gemm_4bit_grouped_fused",
     "is_word_aligned",
     "fused_path",
 ]
@@ -51,6 +58,22 @@ NESTED_BLOCKSIZE = 256
 # beats dequantize + F.linear up to M = 128 on 28672x8192 (269 vs 391 us) and on 4096x4096 with
 # the dequantize op measured then (48 vs 71 us), and loses from M = 192 on the large weight.
 FUSED_MAX_M = 128
+
+
+# Weights one grouped GEMV launch takes (kernel arguments per weight slot).
+GROUPED_MAX_WEIGHTS = 4
+
+
+class QuantizedWeight(NamedTuple):
+    """One packed 4-bit weight ``W [N, K]`` and its scales, as :func:`gemm_4bit_fused` takes them."""
+
+    B: torch.Tensor
+    N: int
+    absmax: torch.Tensor
+    absmax_8bit: torch.Tensor | None = None
+    absmax_code: torch.Tensor | None = None
+    absmax_offset: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -139,24 +162,20 @@ def _absmax_offset(absmax_offset, NESTED: tl.constexpr):
 
 
 @triton.jit
-def _gemv_4bit_kernel(
-    A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
-    M, N, K, stride_am, stride_om,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemv_rows(
+    a_row, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, rows, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
 ):
-    """``out[m, n-tile] = sum_k A[m, k] * W[n, k]`` on CUDA cores, one row of A per program.
+    """fp32 ``sum_k a_row[k] * W[n, k]`` for the ``BLOCK_N`` weight rows ``rows`` (rows past ``N``
+    recompute row ``N - 1``; the caller masks them).
 
     Needs ``K % BLOCK_K == 0`` and ``K % BLOCKSIZE == 0``. The next K-tile's words and scales are
     loaded before the current one is used, to keep two tiles of loads in flight per warp."""
-    pid = tl.program_id(0)
-    pid_m = pid % M
-    pid_n = pid // M
     GROUP: tl.constexpr = min(BLOCKSIZE, BLOCK_K)  # elements sharing one scale inside a tile
     NB: tl.constexpr = BLOCK_K // GROUP
     WG: tl.constexpr = GROUP // 8
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.minimum(rows, N - 1).to(tl.int64)  # tail rows recompute row N-1; not stored
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
     g = tl.arange(0, NB)
     words_ptrs = (
         B.to(tl.pointer_type(tl.uint32))
@@ -165,7 +184,7 @@ def _gemv_4bit_kernel(
         + tl.arange(0, WG)[None, None, :]
     )
     blk = rows_c[:, None] * (K // BLOCKSIZE) + (g * GROUP // BLOCKSIZE)[None, :]
-    a_ptrs = A + pid_m.to(tl.int64) * stride_am + (g * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
+    a_ptrs = a_row + (g * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
     offset = _absmax_offset(absmax_offset, NESTED)
     lane_code = _lane_code(code) if USE_SHFL else 0.0
 
@@ -183,10 +202,81 @@ def _gemv_4bit_kernel(
         acc += per_word * scale[:, :, None]
         words = words_next
         scale = scale_next
-    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def _gemv_4bit_kernel(
+    A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
+    M, N, K, stride_am, stride_om,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
+):
+    """``out[m, n-tile] = sum_k A[m, k] * W[n, k]`` on CUDA cores, one row of A per program."""
+    pid = tl.program_id(0)
+    pid_m = pid % M
+    rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    res = _gemv_rows(
+        A + pid_m.to(tl.int64) * stride_am, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, rows, N, K,
+        BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K, USE_SHFL,
+    )
     if HAS_BIAS:
-        res += tl.load(bias + rows_c).to(tl.float32)
+        res += tl.load(bias + tl.minimum(rows, N - 1)).to(tl.float32)
     tl.store(out + pid_m.to(tl.int64) * stride_om + rows, res.to(out.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _pick(index, x0, x1, x2, x3, GROUPS: tl.constexpr):
+    """``(x0, x1, x2, x3)[index]`` for a scalar ``index < GROUPS`` (pointers or integers)."""
+    x = x0
+    if GROUPS > 1:
+        x = tl.where(index == 1, x1, x)
+    if GROUPS > 2:
+        x = tl.where(index == 2, x2, x)
+    if GROUPS > 3:
+        x = tl.where(index == 3, x3, x)
+    return x
+
+
+@triton.jit
+def _gemv_4bit_grouped_kernel(
+    A, code, out,
+    B0, B1, B2, B3,
+    absmax0, absmax1, absmax2, absmax3,
+    absmax_8bit0, absmax_8bit1, absmax_8bit2, absmax_8bit3,
+    absmax_code0, absmax_code1, absmax_code2, absmax_code3,
+    absmax_offset0, absmax_offset1, absmax_offset2, absmax_offset3,
+    bias0, bias1, bias2, bias3,
+    N0, N1, N2, N3, K,
+    GROUPS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
+):
+    """Up to four GEMVs of one activation row in one launch: ``out[0, col_g + n] = A[0] . W_g[n]``
+    with ``col_g = N_0 + ... + N_{g-1}``. The programs of weight ``g`` follow those of weight
+    ``g - 1``; each program picks its weight's pointers by its program id and runs the GEMV body."""
+    pid = tl.program_id(0)
+    end0 = tl.cdiv(N0, BLOCK_N)
+    end1 = end0 + tl.cdiv(N1, BLOCK_N)
+    end2 = end1 + tl.cdiv(N2, BLOCK_N)
+    group = (pid >= end0).to(tl.int32) + (pid >= end1).to(tl.int32) + (pid >= end2).to(tl.int32)
+    first_program = _pick(group, 0, end0, end1, end2, GROUPS)
+    col = _pick(group, 0, N0, N0 + N1, N0 + N1 + N2, GROUPS)
+    N = _pick(group, N0, N1, N2, N3, GROUPS)
+    rows = (pid - first_program) * BLOCK_N + tl.arange(0, BLOCK_N)
+    res = _gemv_rows(
+        A,
+        _pick(group, B0, B1, B2, B3, GROUPS),
+        code,
+        _pick(group, absmax0, absmax1, absmax2, absmax3, GROUPS),
+        _pick(group, absmax_8bit0, absmax_8bit1, absmax_8bit2, absmax_8bit3, GROUPS),
+        _pick(group, absmax_code0, absmax_code1, absmax_code2, absmax_code3, GROUPS),
+        _pick(group, absmax_offset0, absmax_offset1, absmax_offset2, absmax_offset3, GROUPS),
+        rows, N, K, BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K, USE_SHFL,
+    )
+    if HAS_BIAS:
+        bias = _pick(group, bias0, bias1, bias2, bias3, GROUPS)
+        res += tl.load(bias + tl.minimum(rows, N - 1)).to(tl.float32)
+    tl.store(out + col + rows, res.to(out.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -418,7 +508,8 @@ def gemm_4bit_fused(
     (or per 256 blocks with ``absmax_8bit``/``absmax_code``/``absmax_offset``); ``code`` is the
     16-entry fp32 table. Arguments are assumed checked (``ops._checks``). ``path`` and ``config``
     override the choice of kernel and tiles (tests and benchmarks); by default the kernel comes
-    from :func:`fused_path`. ``out`` must be a contiguous ``[M, N]`` tensor if given.
+    from :func:`fused_path`. ``out``, if given, is ``[M, N]`` with unit stride along N (the
+    columns of a wider output are fine).
     """
     M = A.shape[0]
     if out is None:
@@ -479,4 +570,68 @@ def gemm_4bit_fused(
         )
     else:
         raise ValueError(f"path must be 'gemv', 'dot' or 'generic', got {path!r}")
+    return out
+
+
+def gemm_4bit_grouped_fused(
+    A: torch.Tensor,
+    weights: Sequence[QuantizedWeight],
+    K: int,
+    code: torch.Tensor,
+    blocksize: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``cat([A @ W_g.T (+ bias_g) for g], dim=1)`` into ``out [M, sum N_g]``: several weights
+    that read the same activations (q/k/v, gate/up projections) in one output.
+
+    One row of ``A`` and up to :data:`GROUPED_MAX_WEIGHTS` word-aligned weights, all with or all
+    without double quantization and bias: one launch of the grouped GEMV, whose programs cover
+    every weight's rows (a small weight alone leaves most of the GPU idle; the launches of a
+    decode step are latency-bound). Otherwise one :func:`gemm_4bit_fused` per weight into its
+    columns of ``out``. Arguments are assumed checked (``ops._checks``).
+    """
+    M = A.shape[0]
+    total = sum(w.N for w in weights)
+    if out is None:
+        out = torch.empty((M, total), dtype=A.dtype, device=A.device)
+    nested = {w.absmax_8bit is not None for w in weights}
+    has_bias = {w.bias is not None for w in weights}
+    packed = [w.B.reshape(-1).view(torch.uint8) for w in weights]
+    one_launch = (
+        M == 1
+        and K > 0
+        and 1 < len(weights) <= GROUPED_MAX_WEIGHTS
+        and len(nested) == 1
+        and len(has_bias) == 1
+        and all(is_word_aligned(b, K, blocksize) for b in packed)
+    )
+    if not one_launch:
+        column = 0
+        for w in weights:
+            gemm_4bit_fused(
+                A, w.B, w.N, K, w.absmax, code, blocksize, w.bias, w.absmax_8bit, w.absmax_code, w.absmax_offset,
+                out=out[:, column:column + w.N],
+            )
+            column += w.N
+        return out
+    if A.stride(1) != 1:
+        A = A.contiguous()
+    cfg = _gemv_config(max(w.N for w in weights), K)
+    padding = GROUPED_MAX_WEIGHTS - len(weights)
+
+    def slots(values: list) -> list:
+        return values + [values[0]] * padding  # unused slots repeat a valid pointer; never read
+
+    def tensors(field: str) -> list:
+        return slots([getattr(w, field) if getattr(w, field) is not None else w.absmax for w in weights])
+
+    sizes = [w.N for w in weights] + [0] * padding
+    grid = (sum(_cdiv(w.N, cfg.block_n) for w in weights),)
+    _gemv_4bit_grouped_kernel[grid](
+        A, code, out, *slots(packed), *tensors("absmax"), *tensors("absmax_8bit"), *tensors("absmax_code"),
+        *tensors("absmax_offset"), *tensors("bias"), *sizes, K,
+        GROUPS=len(weights), BLOCKSIZE=blocksize, NESTED=nested.pop(), HAS_BIAS=has_bias.pop(),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=A.device.type == "cuda" and torch.version.hip is None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return out

@@ -1,4 +1,4 @@
-"""4-bit matmul ops: ``gemv_4bit`` (+ ``.out``) and ``gemm_4bit``.
+"""4-bit matmul ops: ``gemv_4bit`` (+ ``.out``), ``gemm_4bit`` and ``gemm_4bit_grouped``.
 
 Both compute ``A @ W.T`` for a weight ``W [N, K]`` packed by ``quantize_4bit`` (row-major,
 ``shapeB = [N, K]``). ``gemv_4bit`` takes the 16-entry table itself (``code``) and already
@@ -6,6 +6,11 @@ dequantized fp32 absmax, as bitsandbytes' op; ``gemm_4bit`` takes ``quant_type``
 bias and optional double-quantized absmax (``absmax_8bit``, ``absmax_code``, ``absmax_offset``,
 nested blocksize 256), as bitsandbytes 0.50's. Unlike bitsandbytes' CUDA gemv, every row of ``A``
 is used, and ``K`` need not be a multiple of ``blocksize``.
+
+``gemm_4bit_grouped`` is ``cat([gemm_4bit(A, B[g], ...) for g], dim=-1)``: the matmuls of
+several weights that read the same activations (a layer's q/k/v or gate/up projections), as one
+op and one output; on GPU, one row of ``A`` takes one kernel launch for all of them. The
+dequantize+linear pass groups sibling ``gemm_4bit`` calls into it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ define(
 GEMM_4BIT = define(
     "gemm_4bit(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
     "Tensor? bias=None, Tensor? absmax_8bit=None, Tensor? absmax_code=None, Tensor? absmax_offset=None) -> Tensor"
+)
+
+GEMM_4BIT_GROUPED = define(
+    "gemm_4bit_grouped(Tensor A, Tensor[] B, SymInt[] out_features, Tensor[] absmax, int blocksize, str quant_type, "
+    "Tensor[]? bias=None, Tensor[]? absmax_8bit=None, Tensor[]? absmax_code=None, Tensor[]? absmax_offset=None) "
+    "-> Tensor"
 )
 
 
@@ -91,6 +102,39 @@ def check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8b
     )
 
 
+def grouped_weights(B, out_features, absmax, bias, absmax_8bit, absmax_code, absmax_offset) -> list[tuple]:
+    """The per-weight arguments of ``gemm_4bit_grouped`` as ``(B, N, absmax, bias, absmax_8bit,
+    absmax_code, absmax_offset)`` tuples, after checking that every list has one entry per weight."""
+    count = len(B)
+    check_value(count >= 1, "B must hold at least one packed weight, got an empty list")
+    lists = dict(out_features=out_features, absmax=absmax, bias=bias, absmax_8bit=absmax_8bit,
+                 absmax_code=absmax_code, absmax_offset=absmax_offset)
+    for name, values in lists.items():
+        check_value(
+            values is None or len(values) == count,
+            lambda: f"{name} must have one entry per weight in B ({count}), got {len(values)}",
+        )
+    none = [None] * count
+    return list(zip(B, out_features, absmax, bias or none, absmax_8bit or none, absmax_code or none,
+                    absmax_offset or none))
+
+
+def check_gemm_4bit_grouped(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                            absmax_offset) -> None:
+    """``check_gemm_4bit`` for each weight ``[out_features[g], A.shape[-1]]``; a message names the
+    weight's index."""
+    check(A.dim() >= 1, lambda: f"A must have at least one dimension, got shape {tuple(A.shape)}")
+    weights = grouped_weights(B, out_features, absmax, bias, absmax_8bit, absmax_code, absmax_offset)
+    for g, (B_g, N, absmax_g, bias_g, absmax_8bit_g, absmax_code_g, absmax_offset_g) in enumerate(weights):
+        try:
+            check_gemm_4bit(A, B_g, [N, A.shape[-1]], absmax_g, blocksize, quant_type, bias_g, absmax_8bit_g,
+                            absmax_code_g, absmax_offset_g)
+        except (RuntimeError, ValueError) as error:
+            if type(error) not in (RuntimeError, ValueError):  # e.g. a data-dependent guard: not ours to reword
+                raise
+            raise type(error)(f"weight {g} of the group (B[{g}], absmax[{g}], ...): {error}") from None
+
+
 def _output_shape(A: torch.Tensor, shapeB) -> list:
     return [*A.shape[:-1], shapeB[0]]
 
@@ -124,3 +168,28 @@ def _gemm_4bit_fake(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absm
 def _gemm_4bit_cpu(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None, absmax_offset=None):
     check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
     return reference.gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
+
+
+@register_fake(GEMM_4BIT_GROUPED)
+def _gemm_4bit_grouped_fake(A, B, out_features, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
+                            absmax_code=None, absmax_offset=None):
+    check_gemm_4bit_grouped(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                            absmax_offset)
+    return A.new_empty([*A.shape[:-1], sum(out_features)])
+
+
+@register_kernel(GEMM_4BIT_GROUPED, "cpu")
+def _gemm_4bit_grouped_cpu(A, B, out_features, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
+                           absmax_code=None, absmax_offset=None):
+    check_gemm_4bit_grouped(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                            absmax_offset)
+    weights = grouped_weights(B, out_features, absmax, bias, absmax_8bit, absmax_code, absmax_offset)
+    K = A.shape[-1]
+    return torch.cat(
+        [
+            reference.gemm_4bit(A, B_g, [N, K], absmax_g, blocksize, quant_type, bias_g, absmax_8bit_g, absmax_code_g,
+                                absmax_offset_g)
+            for B_g, N, absmax_g, bias_g, absmax_8bit_g, absmax_code_g, absmax_offset_g in weights
+        ],
+        dim=-1,
+    )

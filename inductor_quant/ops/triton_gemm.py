@@ -1,4 +1,4 @@
-"""GPU kernels of ``gemv_4bit`` (+ ``.out``) and ``gemm_4bit``: the fused Triton kernels of
+"""GPU kernels of ``gemv_4bit`` (+ ``.out``), ``gemm_4bit`` and ``gemm_4bit_grouped``: the fused Triton kernels of
 ``inductor_quant.kernels.gemm`` up to ``FUSED_MAX_M`` rows of A, dequantize + ``F.linear``
 (cuBLAS) above it, where the product is compute-bound and the weight is read only once per
 ``F.linear`` anyway. Registered for "cuda" and "xpu"; the checks are the CPU kernels' own.
@@ -18,7 +18,16 @@ from ..kernels._constants import to_device_constant
 from ..reference import fourbit as reference
 from ._checks import check_out
 from ._library import TRITON_DEVICES
-from .gemm import GEMM_4BIT, GEMV_4BIT, NESTED_BLOCKSIZE, check_gemm_4bit, check_gemv_4bit
+from .gemm import (
+    GEMM_4BIT,
+    GEMM_4BIT_GROUPED,
+    GEMV_4BIT,
+    NESTED_BLOCKSIZE,
+    check_gemm_4bit,
+    check_gemm_4bit_grouped,
+    check_gemv_4bit,
+    grouped_weights,
+)
 
 
 # Argument signatures (shapes, dtypes, devices, ints, strings) that passed the checks. The checks
@@ -51,6 +60,17 @@ def _checked_gemm(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit
            _meta(absmax_8bit), _meta(absmax_code), _meta(absmax_offset))
     _check_once(check_gemm_4bit, key, A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
                 absmax_offset)
+
+
+def _checked_grouped(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                     absmax_offset) -> None:
+    def metas(tensors):
+        return None if tensors is None else tuple(map(_meta, tensors))
+
+    key = ("grouped", _meta(A), metas(B), tuple(out_features), metas(absmax), blocksize, quant_type, metas(bias),
+           metas(absmax_8bit), metas(absmax_code), metas(absmax_offset))
+    _check_once(check_gemm_4bit_grouped, key, A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit,
+                absmax_code, absmax_offset)
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,6 +174,33 @@ def _gemm_4bit_gpu(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absma
     return F.linear(A, weight, bias)
 
 
+def _gemm_4bit_grouped_gpu(A, B, out_features, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
+                           absmax_code=None, absmax_offset=None):
+    _checked_grouped(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
+    weights = grouped_weights(B, out_features, absmax, bias, absmax_8bit, absmax_code, absmax_offset)
+    K = A.shape[-1]
+    if _rows(A) > kernels.FUSED_MAX_M:
+        return torch.cat(
+            [_gemm_4bit_gpu(A, B_g, [N, K], absmax_g, blocksize, quant_type, bias_g, *nested)
+             for B_g, N, absmax_g, bias_g, *nested in weights],
+            dim=-1,
+        )
+    A2 = _as_rows(A, K)
+    fused_weights = [
+        kernels.QuantizedWeight(
+            B_g.contiguous(), N, absmax_g.contiguous(),
+            absmax_8bit_g.contiguous() if absmax_8bit_g is not None else None,
+            absmax_code_g.contiguous() if absmax_code_g is not None else None,
+            absmax_offset_g,
+            bias_g.contiguous() if bias_g is not None else None,
+        )
+        for B_g, N, absmax_g, bias_g, absmax_8bit_g, absmax_code_g, absmax_offset_g in weights
+    ]
+    out = kernels.gemm_4bit_grouped_fused(A2, fused_weights, K, _code_table(quant_type, A.device), blocksize)
+    return out.view(*A.shape[:-1], out.shape[-1])
+
+
 register_kernel(GEMV_4BIT, TRITON_DEVICES, _gemv_4bit_gpu)
 register_kernel(f"{GEMV_4BIT}.out", TRITON_DEVICES, _gemv_4bit_out_gpu)
 register_kernel(GEMM_4BIT, TRITON_DEVICES, _gemm_4bit_gpu)
+register_kernel(GEMM_4BIT_GROUPED, TRITON_DEVICES, _gemm_4bit_grouped_gpu)

@@ -3,6 +3,8 @@
 * ``dequant_linear``: ``dequantize_4bit`` / ``dequantize_blockwise`` feeding ``mm``/``addmm`` (or
   the mul + sum a one-row ``mm`` decomposes into under ``coordinate_descent_tuning``) ->
   ``gemm_4bit`` / ``linear_8bit``;
+* ``sibling_matmuls``: ``gemm_4bit`` calls that read the same activations (q/k/v, gate/up) ->
+  one ``gemm_4bit_grouped`` (one GEMV launch for all of them at decode);
 * ``optimizer_chain``: auto-functionalized mutating optimizer updates -> functional optimizer
   steps (which the lowerings fuse into one kernel per tensor);
 * ``standalone``: quant ops left with no fusible neighbour (GPU) -> marked so that their lowering

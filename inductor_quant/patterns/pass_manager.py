@@ -37,7 +37,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import PatternMatcherPass
 
 from ..lowerings import lowering_files, register_lowerings
-from . import dequant_linear, optimizer_chain, standalone
+from . import dequant_linear, optimizer_chain, sibling_matmuls, standalone
 
 try:
     from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass as _PassBase
@@ -60,6 +60,8 @@ class QuantPassConfig:
     ``dequant_linear_8bit``: ``dequantize_blockwise`` feeding ``mm``/``addmm`` -> ``linear_8bit``
     (turn off to leave the 8-bit dequantize to its lowering, e.g. to let max-autotune fuse it
     into a Triton matmul template as a prologue).
+    ``group_sibling_matmuls``: ``gemm_4bit`` calls that read the same activations (q/k/v,
+    gate/up) -> one ``gemm_4bit_grouped`` (one GEMV launch at decode; ``patterns.sibling_matmuls``).
     ``functional_optimizer_updates``: auto-functionalized mutating optimizer updates ->
     the functional optimizer steps (which have fused lowerings).
     ``standalone_kernels``: quant ops with no fusible neighbour call their hand-written kernel
@@ -69,6 +71,7 @@ class QuantPassConfig:
 
     dequant_linear_4bit: bool = True
     dequant_linear_8bit: bool = True
+    group_sibling_matmuls: bool = True
     functional_optimizer_updates: bool = True
     standalone_kernels: bool = True
     lowerings: bool = True
@@ -131,8 +134,12 @@ class QuantPassManager(_PassBase):
         if self.config.functional_optimizer_updates:
             changed += optimizer_chain.rewrite_optimizer_updates(graph)
         changed += self.patterns.apply(graph)
+        if self.config.group_sibling_matmuls:
+            changed += sibling_matmuls.group_sibling_matmuls(graph)
         if changed:
-            _set_eager_input_vals(graph, dequant_linear.FUSED_TARGETS + optimizer_chain.FUSED_TARGETS)
+            _set_eager_input_vals(
+                graph, dequant_linear.FUSED_TARGETS + sibling_matmuls.FUSED_TARGETS + optimizer_chain.FUSED_TARGETS
+            )
             graph.eliminate_dead_code()
             graph.lint()
         if self.config.standalone_kernels:  # after the rewrites: on the quant ops they left
