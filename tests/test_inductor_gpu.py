@@ -70,6 +70,38 @@ def test_dequantize_linear_m1_is_one_kernel(dtype, coordinate_descent):
     assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
+
+@pytest.mark.parametrize("coordinate_descent", [False, True], ids=["default", "coordinate_descent_tuning"])
+def test_qkv_projections_at_m1_are_one_kernel(coordinate_descent):
+    """q/k/v of one activation (Llama-3-8B shapes, NF4, double-quantized absmax as quantize_model
+    makes them) compile to one gemm_4bit_grouped that launches one CUDA kernel; the outputs equal
+    three separate gemm_4bit calls bit for bit."""
+    from inductor_quant.nn import quantize_model
+
+    projections = torch.nn.ModuleList(
+        [torch.nn.Linear(4096, n, bias=False, device="cuda", dtype=torch.bfloat16) for n in (4096, 1024, 1024)]
+    )
+    quantize_model(projections, quant_type="nf4", blocksize=64, compress_statistics=True)
+    x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def fn(x):
+        return [projection(x) for projection in projections]
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = iq_compile(fn, fullgraph=True, options={"coordinate_descent_tuning": coordinate_descent})
+    with torch.no_grad():
+        out, source = run_and_get_code(compiled, x)
+        source = "\n".join(source)
+        FileCheck().check_count("torch.ops.inductor_quant.gemm_4bit_grouped.default(", 1, exactly=True).run(source)
+        FileCheck().check_not("torch.ops.inductor_quant.gemm_4bit.default(").run(source)
+        assert counters["inductor_quant"]["gemm_4bit_grouped_members"] == 3
+        launched = cuda_kernels_launched(compiled, x)
+        assert len(launched) == 1, launched
+        for got, projection in zip(out, projections):
+            torch.testing.assert_close(got, projection(x), rtol=0, atol=0)
+
+
 def _adam_states(shapes):
     qmap1, qmap2 = dynamic_map(True, "cuda"), dynamic_map(False, "cuda")
 
