@@ -630,6 +630,29 @@ def test_gpu_32bit_vs_bitsandbytes(name):
 
 
 @requires_cuda
+def test_gpu_capture_with_unseen_maps_raises_naming_the_fix():
+    """Inside a CUDA-graph capture the search tables of a map seen for the first time cannot be
+    built (host copy): a clear error, not CUDA's 'cannot copy during capture'."""
+    n = 4096
+    p, g = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    state1, state2 = torch.zeros(n, dtype=torch.uint8, device="cuda"), torch.zeros(n, dtype=torch.uint8, device="cuda")
+    absmax1, absmax2 = torch.zeros(n // 256, device="cuda"), torch.zeros(n // 256, device="cuda")
+    scalars = [torch.full((1,), v, device="cuda") for v in (1e-3, 1.0, 0.0, 0.0)]
+
+    def update(qmap1, qmap2):
+        kernels.update_8bit_blockwise("adam", g, p, state1, state2, 0.9, 0.999, scalars[2], scalars[3], 1e-8,
+                                      scalars[1], scalars[0], qmap1, qmap2, absmax1, absmax2, 0.0, 1.0)
+
+    update(dynamic_map(True, "cuda"), dynamic_map(False, "cuda"))  # everything else cached eagerly
+    unseen = (dynamic_map(True, "cuda"), dynamic_map(False, "cuda"))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="mark the maps static"):
+        with torch.cuda.graph(graph):
+            update(*unseen)
+
+
+@requires_cuda
 def test_gpu_multi_tensor_group():
     """A realistic group (mixed sizes, 2 dtypes, 2 steps) through the public API equals the ops."""
     gen = torch.Generator().manual_seed(16)

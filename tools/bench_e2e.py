@@ -240,8 +240,10 @@ class AdamState:
 
     def mark_static(self, *scalars: torch.Tensor) -> None:
         """Fixed addresses for Dynamo (as torch's compiled optimizers mark their state), so the
-        reduce-overhead variant may CUDA-graph a step that mutates these tensors."""
-        for group in (self.params, self.grads, self.state1, self.state2, self.absmax1, self.absmax2, scalars):
+        reduce-overhead variant may CUDA-graph a step that mutates these tensors (and reads the
+        code maps whose search tables the warm-up step cached)."""
+        for group in (self.params, self.grads, self.state1, self.state2, self.absmax1, self.absmax2,
+                      (self.qmap1, self.qmap2), scalars):
             for tensor in group:
                 torch._dynamo.mark_static_address(tensor)
 

@@ -752,9 +752,22 @@ def search_tables(qmap1: torch.Tensor, qmap2: torch.Tensor | None) -> SearchTabl
     """Search tables for ``qmap1`` and ``qmap2`` (``qmap1`` twice for 1-state optimizers).
 
     Built on the host (one device sync) the first time a map is seen, then cached per map
-    (:class:`MapCache`: data pointer and version counter)."""
+    (:class:`MapCache`: data pointer and version counter). A map first seen while a CUDA graph is
+    being captured cannot be read on the host: that raises, naming the usual cause (cudagraph
+    trees copy inputs that are not static into buffers of their own)."""
     qmap2 = qmap1 if qmap2 is None else qmap2
-    return _TABLE_CACHE.get((qmap1, qmap2), lambda: _build_search_tables(qmap1, qmap2))
+
+    def build() -> SearchTables:
+        if qmap1.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "qmap1/qmap2 of the 8-bit optimizer update are new to it inside a CUDA-graph capture, where its "
+                "search tables cannot be built (they need a host copy of the maps). Under "
+                "torch.compile(mode='reduce-overhead') mark the maps static (torch._dynamo.mark_static_address), "
+                "as the optimizer classes' state is, so the graph reads the maps the warm-up step saw."
+            )
+        return _build_search_tables(qmap1, qmap2)
+
+    return _TABLE_CACHE.get((qmap1, qmap2), build)
 
 
 _HYPER_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
