@@ -29,8 +29,10 @@ one tensor of ``--opt-numel`` elements and as 8 tensors of an eighth each: the c
 through ``step_8bit_blockwise`` (on GPU the in-place op: Inductor calls the hand-written kernel
 on the state buffers, one launch per tensor), the same with the functional op + ``copy_`` (the
 kernel Inductor generates from our lowering), the hand-written Triton kernel through
-``torch.ops.inductor_quant.optimizer_update_8bit_blockwise`` (tensor by tensor) and its
-multi-tensor launcher, and bitsandbytes' op. Bytes: 16 per parameter (p and g
+``torch.ops.inductor_quant.optimizer_update_8bit_blockwise`` (tensor by tensor, Python-number
+hyperparameters), the in-place op the compiled step calls, called eagerly (device-tensor lr, step,
+beta3, alpha: the kernel variant the compiled step runs), the multi-tensor launcher, and
+bitsandbytes' op. Bytes: 16 per parameter (p and g
 fp32 read, p written, two uint8 states read and written) plus absmax.
 
 Every variant runs in its own ``try``: a failure is reported in the table and the rest still run.
@@ -278,6 +280,11 @@ def optimizer_results(numel: int) -> list[Result]:
                 ops.optimizer_update_8bit_blockwise("adam", g, p, s1, s2, BETA1, BETA2, 0.0, 0.0, EPS, 10, LR,
                                                     state.qmap1, state.qmap2, a1, a2, WD, 1.0)
 
+        def inplace_op_step(state=state):
+            for p, g, s1, s2, a1, a2 in state.tensors():
+                ops.optimizer_step_8bit_blockwise_("adam", g, p, s1, s2, state.qmap1, state.qmap2, a1, a2, lr, step,
+                                                   BETA1, BETA2, zero, zero, EPS, WD, 1.0)
+
         def multi_tensor_step(state=state):
             from inductor_quant.kernels import optim as kernels
 
@@ -301,6 +308,7 @@ def optimizer_results(numel: int) -> list[Result]:
             ("compiled step_8bit_blockwise (reduce-overhead)", lambda: torch.compile(compiled_step, fullgraph=True, mode="reduce-overhead")),
             ("compiled functional step (generated kernel)", lambda: torch.compile(generated_step, fullgraph=True)),
             ("hand-written kernel (op per tensor)", lambda: op_step),
+            ("hand-written kernel, device scalars (the compiled step's op, eager)", lambda: inplace_op_step),
             ("hand-written kernel (multi-tensor)", lambda: multi_tensor_step),
             ("bnb op", with_bnb),
         ]
