@@ -6,7 +6,10 @@ the bf16 weight + A + out. NF4, blocksize 64, bf16 activations, weights N x K (o
     python tools/bench_gemm.py [--json bench_gemm.json]      # the table (also run by bench_kernels.py)
     python tools/bench_gemm.py --sweep [--json sweep.json]   # every tile config, and the M crossover
 
-``run(copy_bw)`` returns the rows for ``tools/bench_kernels.py``. ``--sweep`` times each tile
+``run(copy_bw)`` returns the rows for ``tools/bench_kernels.py``, including the sibling groups of a
+Llama-3-8B layer at M = 1 (q/k/v, gate/up): ``gemm_4bit_grouped`` (one launch) against the same
+weights as separate ``gemm_4bit`` / bitsandbytes gemv calls and bf16 ``F.linear`` on the
+concatenated weight. ``--sweep`` times each tile
 configuration of the fused kernels per shape and M, prints the best, and times the fused kernel
 against dequantize + F.linear for growing M (the ``FUSED_MAX_M`` threshold).
 """
@@ -31,6 +34,7 @@ from inductor_quant.reference import fourbit as reference  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
 MS = [1, 4, 16, 64]
+GROUPS = {"q/k/v": [(4096, 4096), (1024, 4096), (1024, 4096)], "gate/up": [(14336, 4096), (14336, 4096)]}
 SWEEP_MS = [1, 16, 64]  # M = 4 runs the M = 16 kernel (BLOCK_M = 16) on the same weight bytes
 BLOCKSIZE = 64
 ops = torch.ops.inductor_quant
@@ -144,6 +148,44 @@ def run(copy_bw: float, shapes=SHAPES, ms=MS) -> list[benchlib.Row]:
             t, how = _graph_bench(lambda: F.linear(A, p.W))
             rows.append(benchlib.make_row(_op_name(M), shape, "torch bf16 linear", t, p.bf16_bytes(M), copy_bw, how))
         del p
+        torch.cuda.empty_cache()
+    return rows + run_groups(copy_bw)
+
+
+def run_groups(copy_bw: float) -> list[benchlib.Row]:
+    """Each of ``GROUPS`` at M = 1: grouped op, separate ops, bitsandbytes, bf16 concatenated."""
+    rows: list[benchlib.Row] = []
+    for name, shapes in GROUPS.items():
+        problems = [Problem(N, K) for N, K in shapes]
+        K = shapes[0][1]
+        sizes = [p.N for p in problems]
+        A = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        B, absmax = [p.B for p in problems], [p.absmax for p in problems]
+        shape = f"{'+'.join(map(str, sizes))}x{K}"
+        nbytes = sum(p.quant_bytes(1) for p in problems)
+
+        def grouped():
+            return ops.gemm_4bit_grouped(A, B, sizes, absmax, BLOCKSIZE, "nf4")
+
+        def separate():
+            return [ops.gemm_4bit(A, p.B, [p.N, K], p.absmax, BLOCKSIZE, "nf4") for p in problems]
+
+        out = grouped()
+        if not torch.equal(out, torch.cat(separate(), dim=1)):
+            raise AssertionError(f"gemm_4bit_grouped {shape} differs from the separate gemm_4bit calls")
+        for impl, fn in (("inductor_quant grouped", grouped), ("inductor_quant separate", separate)):
+            t, how = _graph_bench(fn)
+            rows.append(benchlib.make_row(f"{name} M=1", shape, impl, t, nbytes, copy_bw,
+                                          f"{how}, host {_cpu_us_per_call(fn):.0f} us/call"))
+        theirs = [_theirs(p, A) for p in problems]
+        if all(fn is not None for fn in theirs):
+            t, how = _graph_bench(lambda: [fn() for fn in theirs])
+            rows.append(benchlib.make_row(f"{name} M=1", shape, "bnb separate", t, nbytes, copy_bw, how))
+        weight = torch.cat([p.W for p in problems])
+        t, how = _graph_bench(lambda: F.linear(A, weight))
+        rows.append(benchlib.make_row(f"{name} M=1", shape, "torch bf16 linear (concatenated)", t,
+                                      benchlib.tensor_bytes(weight) + 2 * (K + sum(sizes)), copy_bw, how))
+        del problems, weight
         torch.cuda.empty_cache()
     return rows
 
