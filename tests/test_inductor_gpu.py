@@ -294,3 +294,45 @@ def test_standalone_dequantize_calls_the_kernel_and_fused_one_is_generated():
         assert source.count("torch.ops.inductor_quant.dequantize_4bit.default(") == calls, fn.__name__
         assert triton_kernel_count(source) == generated, fn.__name__
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_becomes_the_prologue_of_a_triton_matmul_template(bits):
+    """With the dequantize+linear rewrite off and max-autotune restricted to Triton GEMM templates
+    (prologue fusion on), the dequantize is generated inside the matmul template: one Triton
+    kernel, no extern matmul, no call of the dequantize op."""
+    from torch._inductor import config as inductor_config
+
+    from inductor_quant.patterns.pass_manager import QuantPassConfig
+
+    N, K, M = 512, 1024, 64
+    weight = torch.randn(N, K, device="cuda")
+    if bits == 4:
+        packed, absmax = iq.quantize_4bit(weight, 64, "nf4", torch.uint8)
+        config = QuantPassConfig(dequant_linear_4bit=False)
+
+        def dequantize(packed, absmax):
+            return iq.dequantize_4bit(packed, absmax, 64, "nf4", [N, K], torch.bfloat16)
+    else:
+        code = dynamic_map(device="cuda")
+        packed, absmax = iq.quantize_blockwise(weight, code, 256)
+        config = QuantPassConfig(dequant_linear_8bit=False)
+
+        def dequantize(packed, absmax):
+            return iq.dequantize_blockwise(packed, absmax, code, 256, torch.bfloat16)
+
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+
+    def fn(x, packed, absmax):
+        return F.linear(x, dequantize(packed, absmax))
+
+    torch._dynamo.reset()
+    options = {"max_autotune": True, "max_autotune_gemm_backends": "TRITON", "prologue_fusion": True}
+    with inductor_config.patch(force_disable_caches=True):
+        out, source = run_and_get_code(iq_compile(fn, fullgraph=True, pass_config=config, options=options), x, packed, absmax)
+    source = "\n".join(source)
+    assert "torch.ops.inductor_quant.dequantize" not in source
+    FileCheck().check_not("extern_kernels.mm").run(source)
+    assert triton_kernel_count(source) == 1, source[-3000:]
+    expected = F.linear(x.float(), dequantize(packed, absmax).float())
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
