@@ -702,3 +702,21 @@ def test_compiled_step_matches_eager_and_never_recompiles():
         _assert_states_close(compiled_opt, compiled_p, eager_opt, eager_p)
         assert compiled_opt.state[compiled_p[0]]["state1"].dtype == (torch.float32 if cls is optim.LAMB32bit else torch.uint8)
         assert int(compiled_opt.state[compiled_p[0]]["step"]) == 20
+
+
+def test_compiled_step_makes_one_device_constant_per_value():
+    """A float ``lr`` and the unused ``beta3``/``alpha`` of AdamW become one constant tensor per value
+    for the whole group (two ``torch.full`` in the traced graph), not three per parameter."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    params = _params(shapes=[(64, 80), (48, 64), (32, 128)], seed=3)
+    opt = optim.AdamW8bit(params, lr=1e-2, min_8bit_size=0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    backend = EagerAndRecordGraphs()
+    torch.compile(opt.step, backend=backend, fullgraph=True)()
+    (graph,) = backend.graphs
+    fills = [n for n in graph.graph.nodes if n.op == "call_function" and n.target is torch.full]
+    assert sorted(n.args[1] for n in fills) == [0.0, 1e-2]
+    assert all(opt.state[p]["state1"].dtype == torch.uint8 for p in params)

@@ -344,17 +344,29 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Traced update: the step ops with ``lr``, ``step`` (and AdEMAMix's scheduled
         ``alpha``/``beta3``) as tensors, so a tensor ``lr`` changed by a scheduler and the growing
         step count are graph inputs, not constants that would force a recompile."""
-        from ..ops.optim_functional import step_8bit_blockwise, step_32bit
+        from ..ops.optim_functional import as_scalar_tensor, step_8bit_blockwise, step_32bit
 
         lr = group["lr"]
         betas = group["betas"]
+        # Python-number scalars become one device tensor per device and value for the whole group,
+        # not a fill per parameter.
+        constants: dict[tuple[torch.device, float], torch.Tensor] = {}
+
+        def on_device(value: float | torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            if isinstance(value, torch.Tensor):
+                return value if value.device == p.device else value.to(p.device)
+            key = (p.device, float(value))
+            if key not in constants:
+                constants[key] = as_scalar_tensor(value, p)
+            return constants[key]
+
         for i, p in enumerate(params):
             steps[i] += 1
-            step = steps[i] if steps[i].device == p.device else steps[i].to(p.device)
-            lr_i = lr.to(p.device) if isinstance(lr, torch.Tensor) and lr.device != p.device else lr
+            step = on_device(steps[i], p)
             beta3, alpha = self._scheduled_tensors(group, step)
-            common = dict(lr=lr_i, step=step, beta1=betas[0], beta2=betas[1], beta3=beta3, alpha=alpha,
-                          eps=group["eps"], weight_decay=group["weight_decay"], skip_zeros=group["skip_zeros"])
+            common = dict(lr=on_device(lr, p), step=step, beta1=betas[0], beta2=betas[1], beta3=on_device(beta3, p),
+                          alpha=on_device(alpha, p), eps=group["eps"], weight_decay=group["weight_decay"],
+                          skip_zeros=group["skip_zeros"])
             grad = grads[i].contiguous()
             if state1s[i].dtype == torch.uint8:
                 step_8bit_blockwise(self.optimizer_name, grad, p, state1s[i], state2s[i], qmap1s[i], qmap2s[i],
