@@ -132,7 +132,8 @@ def _assert_states_match(got_states, want_states):
 def test_adamw_8bit_step_is_one_kernel_per_tensor():
     """The compiled 8-bit AdamW step over three parameters (``step_8bit_blockwise``, tensor lr,
     step, beta3 and alpha): Inductor calls the in-place op on the state buffers, no generated kernel and no copy,
-    so each tensor is one launch of the hand-written fused kernel; results equal the eager op."""
+    so each tensor is one launch of the hand-written fused kernel (after a one-program launch that
+    derives the step's scalars from lr and step); results equal the eager op."""
     shapes = [(4096, 1024), (1024,), (256, 4096)]
     qmap1, qmap2, states = _adam_states(shapes)
     eager = [[t.clone() for t in s] for s in states]
@@ -156,7 +157,9 @@ def test_adamw_8bit_step_is_one_kernel_per_tensor():
     _eager_adamw(eager, grads, qmap1, qmap2, 1e-3, 1)
     _assert_states_match(states, eager)
     launched = cuda_kernels_launched(compiled, states, grads, lr, step)
-    assert len(launched) == len(shapes) and all("update_8bit" in name for name in launched), launched
+    updates = [name for name in launched if "update_8bit" in name]
+    prologues = [name for name in launched if "derive_scalars" in name]  # one program: lr/step -> scalars
+    assert len(updates) == len(prologues) == len(shapes) and len(launched) == 2 * len(shapes), launched
 
 
 def test_adamw_8bit_step_replays_in_a_cuda_graph_with_new_lr_and_step():

@@ -45,7 +45,8 @@ Python API (what ``inductor_quant.optim`` calls when ``torch.compiler.is_compili
 tensors, which Inductor turns back into in-place stores (one kernel per tensor once lowered).
 ``step_8bit_blockwise`` does the same on CPU; on Triton devices it calls the in-place op, whose
 hand-written kernel is 3.5x faster on an H100 than the kernel Inductor generates from the
-lowering (tools/BENCHMARKS.md), and is one launch per tensor in a compiled graph too. Arguments have the
+lowering (tools/BENCHMARKS.md), and is one update launch per tensor in a compiled graph too (after a
+one-program launch that derives the step's scalars from the lr/step tensors). Arguments have the
 meaning and layout of the mutating ops (AdEMAMix: ``state1`` is ``(2, *p.shape)``, ``absmax1``
 ``(2, blocks)``). ``lr``, ``step``, ``beta3`` and ``alpha`` may be Python numbers or tensors; a
 Python number is baked into the compiled graph, so pass a tensor for anything that changes
