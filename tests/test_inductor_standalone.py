@@ -102,23 +102,6 @@ def test_a_matmul_consumer_is_not_fusible(cpu_has_kernels):
     assert list(decisions.values()) == ["kernel"]
 
 
-def test_a_matmul_consumer_is_fusible_when_templates_take_prologues(cpu_has_kernels):
-    """Under max-autotune with Triton GEMM templates and prologue fusion, the dequantize may be
-    generated inside the matmul template: it is lowered, not sent to the kernel."""
-    from torch._inductor import config as inductor_config
-
-    _, packed, absmax, _, _ = quant_inputs()
-    activation = torch.randn(4, 64)
-
-    def fn(activation, packed, absmax):
-        return activation @ iq.dequantize_4bit(packed, absmax, 64, "nf4", [64, 128], torch.float32)
-
-    with inductor_config.patch(max_autotune=True, max_autotune_gemm_backends="TRITON,ATEN", prologue_fusion=True):
-        source, decisions = run(fn, activation, packed, absmax)
-    assert op_calls(source, "dequantize_4bit") == 0
-    assert list(decisions.values()) == ["lowered"]
-
-
 def test_config_off_and_cpu_default_keep_the_lowering(cpu_has_kernels, monkeypatch):
     _, packed, absmax, _, _ = quant_inputs()
 

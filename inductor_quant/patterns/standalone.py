@@ -12,9 +12,7 @@ A neighbour is fusible when it is an ``aten``/``prims`` op other than a matmul-l
 (``mm``, ``addmm``, ``bmm``, convolutions, ...), looking through views and ``getitem``. The
 dequantize's inputs (packed codes, absmax) are not considered: they are read once either way.
 For a quantize, a fusible producer of the tensor being quantized counts (Inductor would otherwise
-fuse it into the quantize kernel, saving a write and a read of the whole tensor). Under
-max-autotune with Triton GEMM templates and ``prologue_fusion``, a matmul consuming a dequantize
-counts too: the dequantize may become the template's prologue.
+fuse it into the quantize kernel, saving a write and a read of the whole tensor).
 
 Only devices whose op implementation is a hand-written Triton kernel are marked (CUDA and XPU);
 on CPU the op's implementation is the pure-torch reference and the generated C++ code is the
@@ -45,7 +43,6 @@ QUANT_OPS = (
     iq.quantize_blockwise.default,
 )
 _QUANTIZE_OPS = (iq.quantize_4bit.default, iq.quantize_blockwise.default)
-_DEQUANTIZE_OPS = (iq.dequantize_4bit.default, iq.dequantize_blockwise.default)
 
 KERNEL_DEVICES = ("cuda", "xpu")
 """Device types where the quant ops' implementation is a hand-written Triton kernel."""
@@ -108,24 +105,9 @@ def _device_type(node: torch.fx.Node) -> str | None:
     return devices.pop() if len(devices) == 1 else None
 
 
-_TEMPLATE_MATMULS = _overloads("mm.default", "addmm.default", "bmm.default")
-
-
-def _matmul_templates_take_prologues() -> bool:
-    """Whether this compile may turn a matmul into a Triton template with a fused prologue
-    (max-autotune with Triton GEMM backends and ``prologue_fusion``): then a dequantize feeding
-    the matmul can be generated inside the template, which the hand-written kernel cannot."""
-    from torch._inductor import config
-
-    autotune = config.max_autotune or getattr(config, "max_autotune_gemm", False)
-    backends = str(getattr(config, "max_autotune_gemm_backends", "")).upper()
-    return bool(autotune and "TRITON" in backends and getattr(config, "prologue_fusion", False))
-
-
 def _fusible_neighbour(node: torch.fx.Node) -> torch.fx.Node | None:
-    prologue = node.target in _DEQUANTIZE_OPS and _matmul_templates_take_prologues()
     for consumer in _consumers(node):
-        if _is_fusible(consumer) or (prologue and consumer.target in _TEMPLATE_MATMULS):
+        if _is_fusible(consumer):
             return consumer
     if node.target in _QUANTIZE_OPS:
         producer = _producer(node.args[0])
