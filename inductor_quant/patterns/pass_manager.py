@@ -58,8 +58,8 @@ class QuantPassConfig:
 
     ``dequant_linear_4bit``: ``dequantize_4bit`` feeding ``mm``/``addmm`` -> ``gemm_4bit``.
     ``dequant_linear_8bit``: ``dequantize_blockwise`` feeding ``mm``/``addmm`` -> ``linear_8bit``
-    (turn off to leave the 8-bit dequantize to its lowering, e.g. to let max-autotune fuse it
-    into a Triton matmul template as a prologue).
+    (turn off to leave the 8-bit dequantize to its lowering and Inductor's own matmul; on an
+    H100 with torch 2.11, max-autotune did not make it the prologue of a Triton matmul template).
     ``group_sibling_matmuls``: ``gemm_4bit`` calls that read the same activations (q/k/v,
     gate/up) -> one ``gemm_4bit_grouped`` (one GEMV launch at decode; ``patterns.sibling_matmuls``).
     ``functional_optimizer_updates``: auto-functionalized mutating optimizer updates ->

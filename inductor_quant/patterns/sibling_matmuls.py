@@ -4,10 +4,10 @@ A transformer layer multiplies the same activations by several weights: q/k/v pr
 gate/up projections. At decode (one row of activations) each of those ``gemm_4bit`` calls is a
 GEMV that is too small to fill the GPU by itself (a 1024x4096 weight is 512 programs of the GEMV
 kernel) and pays its own launch. This pass groups ``gemm_4bit`` nodes that read the same
-activation (views of one tensor to one shape count as one) with the same quantization (blocksize, quant type, double-quantized or not, with
-or without bias) into one ``gemm_4bit_grouped`` node, whose GPU kernel runs all of their rows in
-one launch, and gives each former consumer a slice of the grouped output (a view: nothing is
-copied).
+activation (views of one tensor to one shape count as one) with the same quantization
+(blocksize, quant type, double-quantized or not, with or without bias) into one
+``gemm_4bit_grouped`` node, whose GPU kernel runs all of their rows in one launch, and gives each
+former consumer a slice of the grouped output (a view: nothing is copied).
 
 Runs after the dequantize+linear rewrites, so it sees the ``gemm_4bit`` nodes they produced as
 well as any the user's code called directly. Only graphs whose activation has a static row count
@@ -16,7 +16,7 @@ which costs a copy that separate ``gemm_4bit`` calls do not pay. Groups hold at 
 ``GROUPED_MAX_WEIGHTS`` weights (larger sibling sets are split in order).
 
 Counters: ``gemm_4bit_grouped`` (one per grouped node) and ``gemm_4bit_grouped_members`` (the
-``gemm_4bit`` nodes they replaced); each grouped node's first member records the decision.
+``gemm_4bit`` nodes they replaced); the decision is recorded on each grouped node.
 """
 
 from __future__ import annotations
