@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.operator_schemas import normalize_function
 
 from ..kernels.gemm import FUSED_MAX_M, GROUPED_MAX_WEIGHTS
 from . import records
@@ -43,16 +44,7 @@ _NESTED_ARGS = ("absmax_8bit", "absmax_code", "absmax_offset")
 
 def _arguments(node: torch.fx.Node) -> dict[str, Any]:
     """``gemm_4bit``'s arguments by schema name, defaults filled in."""
-    schema = node.target._schema
-    values = {}
-    for index, argument in enumerate(schema.arguments):
-        if index < len(node.args):
-            values[argument.name] = node.args[index]
-        elif argument.name in node.kwargs:
-            values[argument.name] = node.kwargs[argument.name]
-        else:
-            values[argument.name] = argument.default_value
-    return values
+    return normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
 
 
 def _static_rows(activation: Any) -> int | None:
@@ -91,12 +83,11 @@ def _group_key(args: dict[str, Any]) -> tuple | None:
     return (*_activation_identity(args["A"]), args["blocksize"], args["quant_type"], nested, args["bias"] is not None)
 
 
-def _weight_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    activation = _arguments(node)["A"]
-    return [i for i in node.all_input_nodes if i is not activation]
+def _weight_inputs(node: torch.fx.Node, args: dict[str, Any]) -> list[torch.fx.Node]:
+    return [i for i in node.all_input_nodes if i is not args["A"]]
 
 
-def _chunks(members: list[torch.fx.Node]) -> list[list[torch.fx.Node]]:
+def _chunks(members: list) -> list[list]:
     return [members[i : i + GROUPED_MAX_WEIGHTS] for i in range(0, len(members), GROUPED_MAX_WEIGHTS)]
 
 
@@ -104,9 +95,11 @@ def _fake_mode(node: torch.fx.Node):
     return node.meta["val"].fake_mode
 
 
-def _replace_group(graph: torch.fx.Graph, members: list[torch.fx.Node]) -> None:
-    """One ``gemm_4bit_grouped`` node before the first member, a slice of it per member."""
-    args = [_arguments(m) for m in members]
+def _replace_group(graph: torch.fx.Graph, group: list[tuple[torch.fx.Node, dict[str, Any]]]) -> None:
+    """One ``gemm_4bit_grouped`` node before the first member, a slice of it per member
+    (``group``: each member with its normalized arguments)."""
+    members = [member for member, _ in group]
+    args = [member_args for _, member_args in group]
     first = args[0]
     nested = first["absmax_8bit"] is not None
     has_bias = first["bias"] is not None
@@ -152,18 +145,20 @@ def group_sibling_matmuls(graph: torch.fx.Graph) -> int:
     """Group the ``gemm_4bit`` nodes of ``graph`` that share their activation and quantization.
 
     Returns the number of grouped nodes inserted."""
-    siblings: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
+    siblings: dict[tuple, list[tuple[torch.fx.Node, dict[str, Any]]]] = defaultdict(list)
     for node in graph.nodes:
         if node.op == "call_function" and node.target is iq.gemm_4bit.default and "val" in node.meta:
-            key = _group_key(_arguments(node))
+            args = _arguments(node)
+            key = _group_key(args)
             if key is not None:
-                siblings[key].append(node)
+                siblings[key].append((node, args))
     order = {node: index for index, node in enumerate(graph.nodes)}
     inserted = 0
     for members in siblings.values():
         # The grouped node goes before the first member and reads its activation: members whose
         # weights are computed after that point (rare; weights are graph inputs) stay as they are.
-        members = [m for m in members if all(order[i] < order[members[0]] for i in _weight_inputs(m))]
+        first = order[members[0][0]]
+        members = [(m, args) for m, args in members if all(order[i] < first for i in _weight_inputs(m, args))]
         for chunk in _chunks(members):
             if len(chunk) > 1:
                 _replace_group(graph, chunk)
