@@ -120,21 +120,22 @@ def _fused(A, B, shapeB, absmax, code, blocksize, bias=None, absmax_8bit=None, a
     N, K = shapeB
     A2 = _as_rows(A, K)
     out2 = out.view(A2.shape[0], N) if out is not None else None
+    w = _contiguous_weight(B, N, absmax, bias, absmax_8bit, absmax_code, absmax_offset)
     result = kernels.gemm_4bit_fused(
-        A2,
-        B.contiguous(),
-        N,
-        K,
-        absmax.contiguous(),
-        code.contiguous(),
-        blocksize,
-        bias.contiguous() if bias is not None else None,
-        absmax_8bit.contiguous() if absmax_8bit is not None else None,
-        absmax_code.contiguous() if absmax_code is not None else None,
-        absmax_offset,
+        A2, w.B, N, K, w.absmax, code.contiguous(), blocksize, w.bias, w.absmax_8bit, w.absmax_code, w.absmax_offset,
         out=out2,
     )
     return result.view(*A.shape[:-1], N)
+
+
+def _contiguous_weight(B, N, absmax, bias, absmax_8bit, absmax_code, absmax_offset) -> kernels.QuantizedWeight:
+    """One weight's tensors as the fused kernels read them (contiguous; optional ones may be None)."""
+
+    def contiguous(t):
+        return t.contiguous() if t is not None else None
+
+    return kernels.QuantizedWeight(B.contiguous(), N, absmax.contiguous(), contiguous(absmax_8bit),
+                                   contiguous(absmax_code), absmax_offset, contiguous(bias))
 
 
 def _gemv(A, B, shapeB, absmax, code, blocksize, out=None):
@@ -186,16 +187,7 @@ def _gemm_4bit_grouped_gpu(A, B, out_features, absmax, blocksize, quant_type, bi
             dim=-1,
         )
     A2 = _as_rows(A, K)
-    fused_weights = [
-        kernels.QuantizedWeight(
-            B_g.contiguous(), N, absmax_g.contiguous(),
-            absmax_8bit_g.contiguous() if absmax_8bit_g is not None else None,
-            absmax_code_g.contiguous() if absmax_code_g is not None else None,
-            absmax_offset_g,
-            bias_g.contiguous() if bias_g is not None else None,
-        )
-        for B_g, N, absmax_g, bias_g, absmax_8bit_g, absmax_code_g, absmax_offset_g in weights
-    ]
+    fused_weights = [_contiguous_weight(*weight) for weight in weights]
     out = kernels.gemm_4bit_grouped_fused(A2, fused_weights, K, _code_table(quant_type, A.device), blocksize)
     return out.view(*A.shape[:-1], out.shape[-1])
 
