@@ -1,7 +1,7 @@
 """End-to-end GPU benchmark: batch-1 decode of a Llama-3-8B-shaped stack, and a compiled 8-bit AdamW step.
 
     python tools/bench_e2e.py [--layers 4] [--steps 64] [--json bench_e2e.json] [--variants A,B]
-                              [--skip-decode] [--skip-optim] [--opt-numel 67108864]
+                              [--skip-decode] [--skip-optim] [--opt-numel 67108864] [--kernels]
 
 Decode: the built-in Llama-style model (``inductor_quant.models``) with Llama-3-8B's shapes (dim
 4096, 32 heads, 8 KV heads, FFN 14336, vocab 128256), ``--layers`` layers, random bf16 weights
@@ -164,7 +164,26 @@ def time_decode(forward: Callable, steps: int) -> tuple[float, torch.Tensor]:
     return start.elapsed_time(end) * 1e3 / steps, first
 
 
-def decode_results(layers: int, steps: int, only: list[str] | None = None) -> list[Result]:
+def kernel_breakdown(forward: Callable, steps: int = 4, top: int = 15) -> str:
+    """The ``top`` GPU kernels of ``steps`` more decode steps by total time, per token (Kineto
+    records the kernels of CUDA-graph replays too): where a variant's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    token = torch.tensor([[1234]], device="cuda")
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            forward(token, torch.tensor([POSITION + i], device="cuda"))
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and e.key not in ("cudaGraphLaunch",)]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in kernels) / steps
+    lines = [f"  GPU time per token {total:.1f} µs in {sum(e.count for e in kernels) // steps} kernels"]
+    for e in kernels[:top]:
+        lines.append(f"  {e.device_time_total / steps:8.1f} µs  {e.count // steps:3d}x  {e.key[:110]}")
+    return "\n".join(lines)
+
+
+def decode_results(layers: int, steps: int, only: list[str] | None = None, breakdown: bool = False) -> list[Result]:
     results: list[Result] = []
     bf16 = build_bf16_model(layers, POSITION + steps + 8)
 
@@ -199,9 +218,12 @@ def decode_results(layers: int, steps: int, only: list[str] | None = None) -> li
         torch._dynamo.reset()
         try:
             model = make_model()
-            time_us, logits[name] = time_decode(wrap(model), steps)
+            wrap_model = wrap(model)
+            time_us, logits[name] = time_decode(wrap_model, steps)
             results.append(Result("decode", name, time_us, bytes_per_token(model)))
             print(f"decode {name}: {time_us / 1e3:.3f} ms/token", flush=True)
+            if breakdown:
+                print(kernel_breakdown(wrap_model), flush=True)
         except ImportError as error:
             results.append(Result("decode", name, error=f"skipped: {error}"))
         except Exception as error:  # a variant failing must not hide the others
@@ -372,6 +394,8 @@ def main() -> None:
     parser.add_argument("--variants", default=None,
                         help="comma-separated decode variants to run (default: all; 'nf4 eager (ours)', the logits "
                              "reference, always runs)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="after timing each decode variant, print its top GPU kernels per token (torch.profiler)")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-optim", action="store_true")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this path")
@@ -383,7 +407,7 @@ def main() -> None:
 
     copy_bw = benchlib.measure_copy_bandwidth()
     only = None if args.variants is None else [v.strip() for v in args.variants.split(",")]
-    decode = [] if args.skip_decode else decode_results(args.layers, args.steps, only)
+    decode = [] if args.skip_decode else decode_results(args.layers, args.steps, only, args.kernels)
     optim = [] if args.skip_optim else optimizer_results(args.opt_numel)
     print(f"\ncopy bandwidth {copy_bw / 1e12:.2f} TB/s; {benchlib.environment()}")
     if decode:
