@@ -116,26 +116,34 @@ def _lookup(lane_code, code, q, USE_SHFL: tl.constexpr):
 
 
 @triton.jit
-def _dequant_words(words, scale, lane_code, code, USE_SHFL: tl.constexpr, R: tl.constexpr, NB: tl.constexpr,
-                   GROUP: tl.constexpr):
-    """``code[q] * scale`` (fp32) for the 8 codes of each uint32 word of ``words [R, NB, GROUP // 8]``,
-    interleaved back to element order: returns ``[R, NB, GROUP]``.
+def _word_codes(words, lane_code, code, USE_SHFL: tl.constexpr):
+    """fp32 ``code[q]`` of the 8 codes of each uint32 word of ``words``, interleaved back to element
+    order: returns ``[*words.shape, 2, 2, 2]`` (element ``e = 4 * i + 2 * j + k`` at ``[..., i, j, k]``).
 
     Little-endian word: byte ``j`` holds element ``2j`` in bits ``8j + 4 .. 8j + 7`` and element
     ``2j + 1`` in bits ``8j .. 8j + 3``."""
-    c0 = _lookup(lane_code, code, words >> 4, USE_SHFL) * scale
-    c1 = _lookup(lane_code, code, words, USE_SHFL) * scale
-    c2 = _lookup(lane_code, code, words >> 12, USE_SHFL) * scale
-    c3 = _lookup(lane_code, code, words >> 8, USE_SHFL) * scale
-    c4 = _lookup(lane_code, code, words >> 20, USE_SHFL) * scale
-    c5 = _lookup(lane_code, code, words >> 16, USE_SHFL) * scale
-    c6 = _lookup(lane_code, code, words >> 28, USE_SHFL) * scale
-    c7 = _lookup(lane_code, code, words >> 24, USE_SHFL) * scale
-    # join appends a trailing axis; nesting (e & 4, e & 2, e & 1) from outer to inner gives
-    # element e = 4 * b2 + 2 * b1 + b0 after the reshape.
+    c0 = _lookup(lane_code, code, words >> 4, USE_SHFL)
+    c1 = _lookup(lane_code, code, words, USE_SHFL)
+    c2 = _lookup(lane_code, code, words >> 12, USE_SHFL)
+    c3 = _lookup(lane_code, code, words >> 8, USE_SHFL)
+    c4 = _lookup(lane_code, code, words >> 20, USE_SHFL)
+    c5 = _lookup(lane_code, code, words >> 16, USE_SHFL)
+    c6 = _lookup(lane_code, code, words >> 28, USE_SHFL)
+    c7 = _lookup(lane_code, code, words >> 24, USE_SHFL)
+    # join appends a trailing axis (held in the thread's registers); nesting (e & 4, e & 2, e & 1)
+    # from outer to inner gives element e = 4 * b2 + 2 * b1 + b0.
     even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
     odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
-    return tl.reshape(tl.join(even, odd), [R, NB, GROUP])
+    return tl.join(even, odd)
+
+
+@triton.jit
+def _dequant_words(words, scale, lane_code, code, USE_SHFL: tl.constexpr, R: tl.constexpr, NB: tl.constexpr,
+                   GROUP: tl.constexpr):
+    """``code[q] * scale`` (fp32) for the 8 codes of each word of ``words [R, NB, GROUP // 8]``
+    (``scale [R, NB, 1]``), in element order: returns ``[R, NB, GROUP]``."""
+    codes = _word_codes(words, lane_code, code, USE_SHFL)
+    return tl.reshape(codes * scale[:, :, :, None, None, None], [R, NB, GROUP])
 
 
 @triton.jit
@@ -162,47 +170,71 @@ def _absmax_offset(absmax_offset, NESTED: tl.constexpr):
 
 
 @triton.jit
+def _gemv_tile(words, a, scale, lane_code, code, USE_SHFL: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
+    """``sum(code[q] * a) * scale`` over each thread's 4-word (32-code) chunks of one K-tile:
+    ``words [R, W]`` (uint32), ``a [W, 8]`` (fp32, the activations of each word), ``scale [R, W // 4]``
+    (one quantization block per chunk) -> ``[R, W // 4]``."""
+    codes = tl.reshape(_word_codes(words, lane_code, code, USE_SHFL), [R, W, 8])
+    per_word = tl.sum(codes * a[None, :, :], axis=2)
+    return tl.sum(tl.reshape(per_word, [R, W // 4, 4]), axis=2) * scale
+
+
+@triton.jit
 def _gemv_rows(
     a_row, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, rows, N, K,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
 ):
     """fp32 ``sum_k a_row[k] * W[n, k]`` for the ``BLOCK_N`` weight rows ``rows`` (rows past ``N``
-    recompute row ``N - 1``; the caller masks them).
+    recompute row ``N - 1``; the caller masks them). Needs ``K % 32 == 0`` and ``BLOCKSIZE >= 32``.
 
-    Needs ``K % BLOCK_K == 0`` and ``K % BLOCKSIZE == 0``. The next K-tile's words and scales are
-    loaded before the current one is used, to keep two tiles of loads in flight per warp."""
-    GROUP: tl.constexpr = min(BLOCKSIZE, BLOCK_K)  # elements sharing one scale inside a tile
-    NB: tl.constexpr = BLOCK_K // GROUP
-    WG: tl.constexpr = GROUP // 8
+    Layout (no shared memory in the loop): a K-tile of a row is ``W = BLOCK_K / 8`` words, loaded
+    4 consecutive words (16 bytes) per thread, so ``BLOCK_K = 1024 * num_warps`` gives every thread
+    one 4-word chunk of every row: the ``BLOCK_N`` rows sit in the thread's registers and share its
+    activations. The activations are loaded already in that thread mapping: vector ``v = t + j * T``
+    of the load (``T = W / 4`` threads; Triton's 16-byte load layout hands vector ``v`` to thread
+    ``v % T``) holds the 8 activations of word ``4 t + j``, and a permute renames ``v`` to the word
+    index — a relabeling of registers, where a plain load would need a shared-memory round trip.
+    A chunk of 32 codes lies in one quantization block (``BLOCKSIZE >= 32``): its products are
+    summed, then scaled once. A last partial K-tile is masked."""
+    W: tl.constexpr = BLOCK_K // 8
+    T: tl.constexpr = W // 4
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)
-    g = tl.arange(0, NB)
-    words_ptrs = (
-        B.to(tl.pointer_type(tl.uint32))
-        + rows_c[:, None, None] * (K // 8)
-        + (g * WG)[None, :, None]
-        + tl.arange(0, WG)[None, None, :]
-    )
-    blk = rows_c[:, None] * (K // BLOCKSIZE) + (g * GROUP // BLOCKSIZE)[None, :]
-    a_ptrs = a_row + (g * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
+    # K // 32 * 4 (= K // 8) tells the compiler each row starts 16-byte aligned.
+    words_ptrs = B.to(tl.pointer_type(tl.uint32)) + rows_c[:, None] * (K // 32 * 4) + tl.arange(0, W)[None, :]
+    v = tl.arange(0, W)
+    word_of_v = (v % T) * 4 + v // T
+    a_ptrs = a_row + word_of_v[:, None] * 8 + tl.arange(0, 8)[None, :]
+    chunk = tl.arange(0, T)
+    blk = rows_c[:, None] * (K // BLOCKSIZE) + (chunk * 32 // BLOCKSIZE)[None, :]
     offset = _absmax_offset(absmax_offset, NESTED)
     lane_code = _lane_code(code) if USE_SHFL else 0.0
 
-    acc = tl.zeros([BLOCK_N, NB, WG], dtype=tl.float32)
-    words = tl.load(words_ptrs)
-    scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk, NESTED)
-    for k0 in range(0, K, BLOCK_K):
-        k_next = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
-        words_next = tl.load(words_ptrs + k_next // 8)
-        scale_next = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k_next // BLOCKSIZE, NESTED)
-        a = tl.load(a_ptrs + k0).to(tl.float32)
-        codes = _dequant_words(words, 1.0, lane_code, code, USE_SHFL, BLOCK_N, NB, GROUP)
-        # Sum each word's 8 products (all in one thread), then scale once per word.
-        per_word = tl.sum(tl.reshape(codes * a[None, :, :], [BLOCK_N, NB, WG, 8]), axis=3)
-        acc += per_word * scale[:, :, None]
-        words = words_next
-        scale = scale_next
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
+    acc = tl.zeros([BLOCK_N, T], dtype=tl.float32)
+    k_full = K // BLOCK_K * BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        words = tl.load(words_ptrs + k0 // 32 * 4)
+        scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk + k0 // BLOCKSIZE, NESTED)
+        a = _words_activations(tl.load(a_ptrs + k0), T, W)
+        acc += _gemv_tile(words, a, scale, lane_code, code, USE_SHFL, BLOCK_N, W)
+    if k_full < K:
+        in_k = (k_full + v * 8) < K
+        words = tl.load(words_ptrs + k_full // 32 * 4, mask=in_k[None, :], other=0)
+        chunk_in_k = (k_full + chunk * 32) < K
+        blk_tail = tl.where(chunk_in_k[None, :], blk + k_full // BLOCKSIZE, 0)
+        scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk_tail, NESTED)
+        a = tl.load(a_ptrs + k_full, mask=(k_full + word_of_v * 8 < K)[:, None], other=0.0)
+        a = _words_activations(a, T, W)
+        acc += _gemv_tile(words, a, tl.where(chunk_in_k[None, :], scale, 0.0), lane_code, code, USE_SHFL, BLOCK_N, W)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _words_activations(a_loaded, T: tl.constexpr, W: tl.constexpr):
+    """fp32 activations ``[W, 8]`` by word, from the load whose row ``v = t + j * T`` holds word
+    ``4 t + j`` (see :func:`_gemv_rows`)."""
+    a = tl.reshape(tl.permute(tl.reshape(a_loaded, [4, T, 8]), [1, 0, 2]), [W, 8])
+    return a.to(tl.float32)
 
 
 @triton.jit
@@ -437,9 +469,9 @@ def _largest_dividing_pow2(K: int, limit: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _gemv_config(N: int, K: int) -> KernelConfig:
-    # H100 sweep (tools/notes_gemm.md): 2 rows x 512 codes per 2-warp program was fastest or
-    # within a few % of it on every benchmark shape; small programs keep many loads in flight.
-    return KernelConfig(block_n=2, block_k=_largest_dividing_pow2(K, 512), num_warps=2)
+    # BLOCK_K = 1024 codes per warp gives each thread one 4-word chunk per row (see _gemv_rows).
+    num_warps = 2 if K >= 2048 else 1
+    return KernelConfig(block_n=4, block_k=1024 * num_warps, num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=None)
