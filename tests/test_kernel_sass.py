@@ -1,0 +1,41 @@
+"""The GEMV's machine code, compiled offline for sm_90 (``tools/kernel_sass.py``; no GPU needed).
+
+The 4-bit GEMV is bound by instruction issue and the L1/shared-memory datapath on the H100
+(``tools/notes_gemm.md``). Its main loop must stay free of shared-memory round trips (the
+activations are loaded in the words' thread mapping) and near 4 instructions per weight code
+(shift, shuffle lookup, FMA, and a share of the loads) — a layout change that breaks either shows
+here, before any GPU run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "kernel_sass.py"
+
+
+@pytest.fixture(scope="module")
+def gemv_loop() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(TOOL), "gemv", "--json"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode and "ptxas" in result.stderr.lower() and "not found" in result.stderr.lower():
+        pytest.skip("this Triton wheel ships no ptxas")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def test_gemv_main_loop_has_no_shared_memory_round_trip(gemv_loop):
+    assert gemv_loop["shared_memory_ops"] == 0, gemv_loop["opcodes"]
+
+
+def test_gemv_main_loop_is_one_shuffle_and_about_four_instructions_per_code(gemv_loop):
+    codes = 32 * 4  # the preset: 4 rows per thread, one 32-code chunk of each per iteration
+    assert gemv_loop["opcodes"]["SHFL"] == codes
+    assert gemv_loop["per_code"] < 4.5, gemv_loop["opcodes"]

@@ -1,0 +1,158 @@
+"""Offline SASS statistics of the hot loops of our Triton kernels: no GPU needed.
+
+Triton compiles a kernel for a named GPU target with the ``ptxas`` and ``nvdisasm`` its wheel ships,
+so the machine code of a kernel can be read on a CPU-only machine. This tool compiles a preset
+kernel configuration for sm_90 (H100), finds its main loop (the longest backward branch) and
+reports the loop's instruction mix, per weight code where the preset says how many codes one
+iteration handles per thread. It is how a layout change is judged before it reaches a GPU: the
+4-bit GEMV is bound by instruction issue and the L1/shared-memory datapath (``tools/notes_gemm.md``),
+so the loop's instructions per code and its shared-memory traffic (``LDS``/``STS``/``BAR``) predict
+the kernel's speed.
+
+    python tools/kernel_sass.py [gemv] [--arch 90] [--json]
+
+Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the compiled kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One kernel configuration: argument types, constexpr values, warps, and codes per thread and
+    loop iteration (0 when the loop is not over weight codes)."""
+
+    kernel: str
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    codes_per_iteration: int
+    aligned: tuple[str, ...] = field(default=())
+
+
+def _gemv_preset() -> Preset:
+    from inductor_quant.kernels import gemm
+
+    block_n, num_warps = 4, 2
+    config = gemm.KernelConfig(block_n=block_n, block_k=1024 * num_warps, num_warps=num_warps)
+    pointers = dict(A="*bf16", B="*u8", code="*fp32", absmax="*fp32", absmax_8bit="*u8", absmax_code="*fp32",
+                    absmax_offset="*fp32", bias="*bf16", out="*bf16")
+    return Preset(
+        kernel="inductor_quant.kernels.gemm._gemv_4bit_kernel",
+        signature={**pointers, "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_om": "i32"},
+        constexprs=dict(BLOCKSIZE=64, NESTED=True, HAS_BIAS=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                        USE_SHFL=True),
+        num_warps=config.num_warps,
+        # each thread holds one 4-word chunk (32 codes) of each of the block_n rows per K-tile
+        codes_per_iteration=32 * config.block_n,
+        # what Triton's launcher specializes for 16-byte aligned buffers and multiples of 16
+        aligned=(*pointers, "K", "stride_am", "stride_om"),
+    )
+
+
+PRESETS = {"gemv": _gemv_preset}
+
+
+@dataclass
+class LoopStats:
+    """Instruction counts of a kernel's main loop."""
+
+    instructions: int
+    opcodes: dict[str, int]
+    codes_per_iteration: int
+
+    @property
+    def per_code(self) -> float | None:
+        return self.instructions / self.codes_per_iteration if self.codes_per_iteration else None
+
+    @property
+    def shared_memory_ops(self) -> int:
+        return sum(self.opcodes.get(op, 0) for op in ("LDS", "STS", "BAR", "LDSM"))
+
+
+def _resolve(qualified: str):
+    module, _, name = qualified.rpartition(".")
+    __import__(module)
+    return getattr(sys.modules[module], name)
+
+
+def compile_preset(preset: Preset, arch: int = 90) -> str:
+    """SASS text of the preset kernel compiled for ``sm_{arch}``."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("kernel_sass needs TRITON_INTERPRET unset: the interpreter replaces compiled kernels")
+    fn = _resolve(preset.kernel)
+    names = fn.arg_names
+    signature = {name: preset.signature.get(name, "constexpr") for name in names}
+    constexprs = {(names.index(name),): value for name, value in preset.constexprs.items()}
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in preset.aligned}
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": preset.num_warps})
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([nvdisasm, "-c", cubin.name], check=True, capture_output=True, text=True).stdout
+
+
+_LABEL = re.compile(r"^\s*\.(L_x_\d+):")
+_BRANCH = re.compile(r"BRA `\(\.(L_x_\d+)\)")
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+
+
+def main_loop(sass: str) -> list[str]:
+    """The SASS lines of the longest loop (a branch back to an earlier label)."""
+    lines = sass.splitlines()
+    labels: dict[str, int] = {}
+    best: tuple[int, int] = (0, -1)
+    for i, line in enumerate(lines):
+        if label := _LABEL.match(line):
+            labels[label.group(1)] = i
+        elif (branch := _BRANCH.search(line)) and branch.group(1) in labels:
+            start = labels[branch.group(1)]
+            if i - start > best[1] - best[0]:
+                best = (start, i)
+    return lines[best[0] : best[1] + 1]
+
+
+def loop_stats(sass: str, codes_per_iteration: int = 0) -> LoopStats:
+    opcodes = collections.Counter(m.group(1) for line in main_loop(sass) if (m := _INSTRUCTION.match(line)))
+    return LoopStats(sum(opcodes.values()), dict(opcodes.most_common()), codes_per_iteration)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("preset", nargs="?", default="gemv", choices=sorted(PRESETS))
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100)")
+    parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]()
+    stats = loop_stats(compile_preset(preset, args.arch), preset.codes_per_iteration)
+    if args.json:
+        print(json.dumps({"instructions": stats.instructions, "per_code": stats.per_code,
+                          "shared_memory_ops": stats.shared_memory_ops, "opcodes": stats.opcodes}))
+        return 0
+    per_code = f", {stats.per_code:.2f} per code" if stats.per_code else ""
+    print(f"{args.preset} (sm_{args.arch}): main loop {stats.instructions} instructions{per_code}, "
+          f"{stats.shared_memory_ops} shared-memory instructions")
+    print("  " + ", ".join(f"{op} {n}" for op, n in stats.opcodes.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
