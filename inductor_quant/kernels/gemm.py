@@ -4,8 +4,9 @@ The packed weight is read once and dequantized in registers; the dequantized wei
 to memory. Three kernels (and a grouped GEMV), chosen by :func:`gemm_4bit_fused`:
 
 * ``_gemv_4bit_kernel`` (M = 1, CUDA cores): one program per ``BLOCK_N`` rows and row of ``A``.
-  The weight is loaded as 32-bit words (8 codes each); each code becomes ``code[q] * absmax`` in
-  fp32 and is multiplied into an fp32 accumulator tile, reduced once at the end.
+  The weight is loaded as 32-bit words (8 codes each), every thread holding the same 4 words of
+  each of the ``BLOCK_N`` rows and their activations; each thread sums ``code[q] * a`` over its 32
+  codes of a row in fp32, scales once, and the row sums are reduced once at the end.
 * ``_gemm_4bit_dot_kernel`` (small M, tensor cores): the same dequantization, rounded to A's dtype
   (``dtype(code[q] * absmax)``, exactly the reference's weight), then ``tl.dot`` with an fp32
   accumulator. Programs that share a weight tile run next to each other, so the tile comes from L2
