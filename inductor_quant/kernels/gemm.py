@@ -470,9 +470,15 @@ def _largest_dividing_pow2(K: int, limit: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _gemv_config(N: int, K: int) -> KernelConfig:
-    # BLOCK_K = 1024 codes per warp gives each thread one 4-word chunk per row (see _gemv_rows).
-    num_warps = 2 if K >= 2048 else 1
-    return KernelConfig(block_n=4, block_k=1024 * num_warps, num_warps=num_warps)
+    # H200 A/B of (rows, warps) on the Llama-3-8B shapes (tools/notes_gemm.md): 8 rows per thread
+    # once there are enough rows to keep the GPU busy (with one warp per program from 16384 rows),
+    # 4 rows otherwise, 4 warps for the small k/v projections. BLOCK_K = 1024 codes per warp gives
+    # each thread one 4-word chunk per row and K-tile (see _gemv_rows).
+    block_n = 8 if N >= 8192 else 4
+    num_warps = 1 if N >= 16384 else (4 if N <= 2048 else 2)
+    while num_warps > 1 and K < 1024 * num_warps:
+        num_warps //= 2
+    return KernelConfig(block_n=block_n, block_k=1024 * num_warps, num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=None)
