@@ -84,6 +84,9 @@ FUSED_CASES = [
     ("gemv", 1, 48, 512, 128, "fp4", torch.float16, True, False),
     ("gemv", 1, 64, 256, 32, "nf4", torch.float32, True, True),
     ("gemv", 3, 40, 192, 64, "fp4", torch.float32, False, True),
+    # whole K-tiles (1024 / 2048 codes) followed by a masked partial one
+    ("gemv", 1, 24, 1280, 64, "nf4", torch.float32, True, True),
+    ("gemv", 2, 40, 2304, 128, "fp4", torch.float16, False, False),
     ("dot", 3, 64, 256, 64, "nf4", torch.float32, True, False),
     ("dot", 16, 80, 256, 64, "fp4", torch.float16, False, True),
     ("dot", 16, 64, 128, 32, "nf4", torch.float16, True, True),

@@ -181,6 +181,14 @@ def _gemv_tile(words, a, scale, lane_code, code, USE_SHFL: tl.constexpr, R: tl.c
 
 
 @triton.jit
+def _words_activations(a_loaded, T: tl.constexpr, W: tl.constexpr):
+    """fp32 activations ``[W, 8]`` by word, from the load whose row ``v = t + j * T`` holds word
+    ``4 t + j`` (see :func:`_gemv_rows`)."""
+    a = tl.reshape(tl.permute(tl.reshape(a_loaded, [4, T, 8]), [1, 0, 2]), [W, 8])
+    return a.to(tl.float32)
+
+
+@triton.jit
 def _gemv_rows(
     a_row, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, rows, N, K,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
@@ -219,8 +227,8 @@ def _gemv_rows(
         a = _words_activations(tl.load(a_ptrs + k0), T, W)
         acc += _gemv_tile(words, a, scale, lane_code, code, USE_SHFL, BLOCK_N, W)
     if k_full < K:
-        in_k = (k_full + v * 8) < K
-        words = tl.load(words_ptrs + k_full // 32 * 4, mask=in_k[None, :], other=0)
+        word_in_k = (k_full + tl.arange(0, W) * 8) < K
+        words = tl.load(words_ptrs + k_full // 32 * 4, mask=word_in_k[None, :], other=0)
         chunk_in_k = (k_full + chunk * 32) < K
         blk_tail = tl.where(chunk_in_k[None, :], blk + k_full // BLOCKSIZE, 0)
         scale = _block_scales(absmax, absmax_8bit, absmax_code, offset, blk_tail, NESTED)
@@ -228,14 +236,6 @@ def _gemv_rows(
         a = _words_activations(a, T, W)
         acc += _gemv_tile(words, a, tl.where(chunk_in_k[None, :], scale, 0.0), lane_code, code, USE_SHFL, BLOCK_N, W)
     return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def _words_activations(a_loaded, T: tl.constexpr, W: tl.constexpr):
-    """fp32 activations ``[W, 8]`` by word, from the load whose row ``v = t + j * T`` holds word
-    ``4 t + j`` (see :func:`_gemv_rows`)."""
-    a = tl.reshape(tl.permute(tl.reshape(a_loaded, [4, T, 8]), [1, 0, 2]), [W, 8])
-    return a.to(tl.float32)
 
 
 @triton.jit
