@@ -230,7 +230,7 @@ def decode_results(layers: int, steps: int, only: list[str] | None = None, break
             traceback.print_exc()
             results.append(Result("decode", name, error=f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"))
         finally:
-            model = None
+            model = forward = None
             torch.cuda.empty_cache()
     reference = logits.get("nf4 eager (ours)")
     for result in results:
