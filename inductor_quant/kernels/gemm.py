@@ -176,8 +176,8 @@ def _gemv_tile(words, a, scale, lane_code, code, USE_SHFL: tl.constexpr, R: tl.c
     ``words [R, W]`` (uint32), ``a [W, 8]`` (fp32, the activations of each word), ``scale [R, W // 4]``
     (one quantization block per chunk) -> ``[R, W // 4]``."""
     codes = tl.reshape(_word_codes(words, lane_code, code, USE_SHFL), [R, W, 8])
-    per_word = tl.sum(codes * a[None, :, :], axis=2)
-    return tl.sum(tl.reshape(per_word, [R, W // 4, 4]), axis=2) * scale
+    # one in-thread sum over the chunk's 32 products: a chain of FMAs
+    return tl.sum(tl.reshape(codes * a[None, :, :], [R, W // 4, 32]), axis=2) * scale
 
 
 @triton.jit
