@@ -197,7 +197,7 @@ def _gemv_rows(
     """fp32 ``sum_k a_row[k] * W[n, k]`` for the ``BLOCK_N`` weight rows ``rows`` (rows past ``N``
     recompute row ``N - 1``; the caller masks them). Needs ``K % 32 == 0`` and ``BLOCKSIZE >= 32``.
 
-    Layout (no shared memory in the loop): a K-tile of a row is ``W = BLOCK_K / 8`` words, loaded
+    Layout (no shared memory in the loop on Triton 3.7; one small relayout on 3.6): a K-tile of a row is ``W = BLOCK_K / 8`` words, loaded
     4 consecutive words (16 bytes) per thread, so ``BLOCK_K = 1024 * num_warps`` gives every thread
     one 4-word chunk of every row: the ``BLOCK_N`` rows sit in the thread's registers and share its
     activations. The activations are loaded already in that thread mapping: vector ``v = t + j * T``
