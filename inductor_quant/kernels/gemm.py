@@ -519,6 +519,11 @@ def _counters(tiles: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
+def _uses_shuffle_lookup(device: torch.device) -> bool:
+    # the warp-shuffle code lookup is NVIDIA PTX; the interpreter and ROCm use the gather
+    return device.type == "cuda" and torch.version.hip is None
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 activations keep fp32 products (the reference's F.linear); 16-bit ones use the MMA.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -571,7 +576,7 @@ def gemm_4bit_fused(
         bias if bias is not None else dummy,
         out,
     )
-    use_shfl = A.device.type == "cuda" and torch.version.hip is None
+    use_shfl = _uses_shuffle_lookup(A.device)
     path = path or fused_path(M, packed, K, blocksize)
     if path != "generic" and A.stride(1) != 1:
         A = A.contiguous()
@@ -670,7 +675,7 @@ def gemm_4bit_grouped_fused(
         A, code, out, *slots(packed), *tensors("absmax"), *tensors("absmax_8bit"), *tensors("absmax_code"),
         *tensors("absmax_offset"), *tensors("bias"), *sizes, K,
         GROUPS=len(weights), BLOCKSIZE=blocksize, NESTED=nested.pop(), HAS_BIAS=has_bias.pop(),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=A.device.type == "cuda" and torch.version.hip is None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=_uses_shuffle_lookup(A.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
