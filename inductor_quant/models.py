@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TinyLlamaConfig", "TinyLlama", "RMSNorm", "Attention", "MLP", "Block", "KVCache", "build_model"]
+__all__ = ["TinyLlamaConfig", "TinyLlama", "RMSNorm", "Attention", "MLP", "Block", "KVCache", "build_model", "grouped_query_attention"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.to(x.dtype)
 
 
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention of ``q (B, H, T, D)`` over ``k, v (B, H_kv, S, D)`` with ``H_kv`` dividing ``H``
+    (query head ``h`` reads key/value head ``h // (H / H_kv)``); ``mask (T, S)`` is True where a
+    query may attend.
+
+    The ``H / H_kv`` query heads of a group become rows of one query matrix per key/value head, so
+    the keys and values are read in place: expanding them to ``H`` heads would copy the whole static
+    cache every decode step, and the backends that take a mask do not all take ``enable_gqa``."""
+    batch, heads, seq, head_dim = q.shape
+    groups = heads // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q = q.reshape(batch, k.shape[1], groups * seq, head_dim)  # row r * T + t: head kv * groups + r, query t
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(groups, 1))
+    return out.reshape(batch, heads, seq, head_dim)
+
+
 class KVCache(nn.Module):
     """Static ``(B, kv_heads, max_seq_len, head_dim)`` key/value buffers, written at ``input_pos``."""
 
@@ -142,14 +159,10 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if self.kv_heads != self.n_heads:
-            repeat = self.n_heads // self.kv_heads
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = grouped_query_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from inductor_quant.models import TinyLlamaConfig, apply_rotary, build_model, rotary_tables
+from inductor_quant.models import TinyLlamaConfig, apply_rotary, build_model, grouped_query_attention, rotary_tables
 
 SMALL = TinyLlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
 
@@ -54,6 +54,20 @@ def test_forward_shape_and_causality():
     assert 0.3 < logits.std() < 3.0  # unit-gain init: logits neither vanish nor explode
     torch.testing.assert_close(logits[:, :-1], logits_changed[:, :-1])  # earlier positions never see the future
     assert not torch.allclose(logits[:, -1], logits_changed[:, -1])
+
+
+@pytest.mark.parametrize("heads, kv_heads, seq", [(8, 2, 1), (8, 2, 3), (4, 4, 2)])
+def test_grouped_query_attention_equals_expanded_keys_and_values(heads, kv_heads, seq):
+    g = torch.Generator().manual_seed(heads + seq)
+    q = torch.randn(2, seq, heads, 16, generator=g, dtype=torch.float64).transpose(1, 2)  # strided like the model's
+    k, v = (torch.randn(2, kv_heads, 7, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(seq, 7, generator=g) < 0.6
+    mask[:, 0] = True  # every query attends somewhere
+    repeat = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), attn_mask=mask
+    )
+    torch.testing.assert_close(grouped_query_attention(q, k, v, mask), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_kv_cache_matches_full_forward():
