@@ -428,14 +428,18 @@ def test_gpu_compiled_graph_calls_the_op():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sizes, nested", [((4096, 1024, 1024), True), ((1000, 3000), False)])
 def test_gpu_grouped_gemv_equals_separate_gemms(dtype, sizes, nested):
-    """The grouped launch (shuffle lookup, bf16) gives each weight's gemm_4bit result bit for bit
-    (same per-row arithmetic, one launch)."""
+    """The grouped launch (shuffle lookup) gives each weight's fused GEMV result bit for bit when
+    both use the same tiles (same per-row arithmetic, one launch)."""
     K = 4096
     weights = [Weight(N, K, 64, "nf4", nested=nested, device="cuda") for N in sizes]
     A = torch.randn(1, K, device="cuda").to(dtype)
     nested_lists = [[w.nested[k] for w in weights] for k in ("absmax_8bit", "absmax_code", "absmax_offset")] if nested else []
     out = ops.gemm_4bit_grouped(A, [w.B for w in weights], list(sizes), [w.absmax for w in weights], 64, "nf4", None,
                                 *nested_lists)
-    separate = torch.cat([ops.gemm_4bit(A, w.B, [w.N, K], w.absmax, 64, "nf4", None, **w.nested) for w in weights], 1)
+    config = kernels._gemv_config(sum(sizes), K)  # the grouped launch's tiles
+    separate = torch.cat([
+        kernels.gemm_4bit_fused(A, w.B, w.N, K, w.absmax, w.code, 64, **w.nested, path="gemv", config=config)
+        for w in weights
+    ], 1)
     torch.testing.assert_close(out, separate, rtol=0, atol=0)
     _check_grouped(out, A, weights)

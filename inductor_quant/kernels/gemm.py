@@ -660,7 +660,7 @@ def gemm_4bit_grouped_fused(
         return out
     if A.stride(1) != 1:
         A = A.contiguous()
-    cfg = _gemv_config(max(w.N for w in weights), K)
+    cfg = _gemv_config(total, K)  # the grid covers every weight's rows: size it by their sum
     padding = GROUPED_MAX_WEIGHTS - len(weights)
 
     def slots(values: list) -> list:
