@@ -107,7 +107,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked attention of ``q (B, H, T, D)`` over ``k, v (B, H_kv, S, D)`` with ``H_kv`` dividing ``H``
     (query head ``h`` reads key/value head ``h // (H / H_kv)``); ``mask (T, S)`` is True where a
-    query may attend.
+    query may attend, or an additive float bias (0 or -inf).
 
     The ``H / H_kv`` query heads of a group become rows of one query matrix per key/value head, so
     the keys and values are read in place: expanding them to ``H`` heads would copy the whole static
@@ -117,7 +117,9 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     if groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     q = q.reshape(batch, k.shape[1], groups * seq, head_dim)  # row r * T + t: head kv * groups + r, query t
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(groups, 1))
+    # a single query row is broadcast to the group (a view); several are repeated (a copy)
+    mask = mask.expand(groups, -1) if seq == 1 else mask.repeat(groups, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.reshape(batch, heads, seq, head_dim)
 
 
@@ -244,7 +246,9 @@ class TinyLlama(nn.Module):
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             positions = torch.arange(self.config.max_seq_len, device=tokens.device)
-            mask = positions[None, :] <= input_pos[:, None]
+            # one additive bias for every layer (a boolean mask is turned into one by each attention call)
+            visible = positions[None, :] <= input_pos[:, None]
+            mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, float("-inf"))
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.lm_head(self.norm(x))
