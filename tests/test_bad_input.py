@@ -94,6 +94,10 @@ CASES = {
     "grouped/bias length": (lambda: ops.gemm_4bit_grouped(X, [P4, P4], SHAPEB[:1] * 2, [ABSMAX4, ABSMAX4], 64, "nf4", [torch.randn(64)]), ValueError, r"^bias must have one entry per weight in B \(2\), got 1"),
     "grouped/second absmax": (lambda: ops.gemm_4bit_grouped(X, [P4, P4], SHAPEB[:1] * 2, [ABSMAX4, ABSMAX4[:-1]], 64, "nf4"), RuntimeError, r"^weight 1 of the group \(B\[1\], absmax\[1\], ...\): absmax must have 64 elements"),
     "grouped/K": (lambda: ops.gemm_4bit_grouped(X[:, :32], [P4], SHAPEB[:1], [ABSMAX4], 64, "nf4"), RuntimeError, r"^weight 0 of the group .*: B must hold .* = 1024 bytes for n = 2048 4-bit values"),
+    # gemm_4bit_swiglu: exactly two weights of one shape, then the grouped checks
+    "swiglu/one weight": (lambda: ops.gemm_4bit_swiglu(X, [P4], SHAPEB[:1], [ABSMAX4], 64, "nf4"), ValueError, r"^B must hold two packed weights \(gate, up\), got 1"),
+    "swiglu/widths": (lambda: ops.gemm_4bit_swiglu(X, [P4, P4[:16]], [64, 32], [ABSMAX4, ABSMAX4[:32]], 64, "nf4"), ValueError, r"^out_features must be equal \(gate and up have the same rows\), got \[64, 32\]"),
+    "swiglu/second absmax": (lambda: ops.gemm_4bit_swiglu(X, [P4, P4], SHAPEB[:1] * 2, [ABSMAX4, ABSMAX4[:-1]], 64, "nf4"), RuntimeError, r"^weight 1 of the group \(B\[1\], absmax\[1\], ...\): absmax must have 64 elements"),
 }
 
 

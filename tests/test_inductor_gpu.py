@@ -75,7 +75,9 @@ def test_dequantize_linear_m1_is_one_kernel(dtype, coordinate_descent):
 def test_qkv_projections_at_m1_are_one_kernel(coordinate_descent):
     """q/k/v of one activation (Llama-3-8B shapes, NF4, double-quantized absmax as quantize_model
     makes them) compile to one gemm_4bit_grouped that launches one CUDA kernel; the outputs equal
-    three separate gemm_4bit calls bit for bit."""
+    three separate gemm_4bit calls up to bf16's last bit (a lone projection's GEMV may use other
+    tiles, which sum each row in another order; on the same tiles they are equal bit for bit,
+    ``test_gpu_grouped_gemv_equals_separate_gemms``)."""
     from inductor_quant.nn import quantize_model
 
     projections = torch.nn.ModuleList(
@@ -99,7 +101,38 @@ def test_qkv_projections_at_m1_are_one_kernel(coordinate_descent):
         launched = cuda_kernels_launched(compiled, x)
         assert len(launched) == 1, launched
         for got, projection in zip(out, projections):
-            torch.testing.assert_close(got, projection(x), rtol=0, atol=0)
+            torch.testing.assert_close(got, projection(x), rtol=2**-7, atol=1e-3)
+
+
+def test_swiglu_mlp_at_m1_is_two_kernels():
+    """A quantized SwiGLU MLP at one token: gate/up + SiLU * up compile to one gemm_4bit_swiglu
+    (one kernel), the down projection to one gemm_4bit (one kernel); close to eager."""
+    from inductor_quant.nn import quantize_model
+
+    dim, hidden = 1024, 2816
+    mlp = torch.nn.ModuleDict({
+        name: torch.nn.Linear(n_in, n_out, bias=False, device="cuda", dtype=torch.bfloat16)
+        for name, n_in, n_out in (("gate", dim, hidden), ("up", dim, hidden), ("down", hidden, dim))
+    })
+    quantize_model(mlp, quant_type="nf4", blocksize=64, compress_statistics=True)
+    x = torch.randn(1, 1, dim, device="cuda", dtype=torch.bfloat16)
+
+    def fn(x):
+        return mlp["down"](F.silu(mlp["gate"](x)) * mlp["up"](x))
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = iq_compile(fn, fullgraph=True)
+    with torch.no_grad():
+        out, source = run_and_get_code(compiled, x)
+        source = "\n".join(source)
+        FileCheck().check_count("torch.ops.inductor_quant.gemm_4bit_swiglu.default(", 1, exactly=True).run(source)
+        FileCheck().check_not("torch.ops.inductor_quant.gemm_4bit_grouped.default(").run(source)
+        assert counters["inductor_quant"]["gemm_4bit_swiglu"] == 1
+        launched = cuda_kernels_launched(compiled, x)
+        assert len(launched) == 2, launched
+        expected = fn(x).float()
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 2e-2
 
 
 def _adam_states(shapes):

@@ -328,8 +328,10 @@ def test_sibling_projections_become_one_grouped_op(dtype, nested):
         gate, up = (_linear(h, w) for w in gate_up)
         return F.silu(gate) * up
 
-    _, ungrouped, _ = run_compiled(fn, x, pass_config=QuantPassConfig(group_sibling_matmuls=False))
-    expected, actual, source = run_compiled(fn, x)
+    # the SwiGLU epilogue fusion (tested below) off: this test is about the grouping alone
+    _, ungrouped, _ = run_compiled(fn, x, pass_config=QuantPassConfig(group_sibling_matmuls=False,
+                                                                      fuse_swiglu_epilogues=False))
+    expected, actual, source = run_compiled(fn, x, pass_config=QuantPassConfig(fuse_swiglu_epilogues=False))
     torch.testing.assert_close(actual, ungrouped, rtol=0, atol=0)  # the grouped op is the same arithmetic
     # vs eager: bf16 differs by the roundings Inductor's fused pointwise code skips (|out| ~ 10)
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=0.1 if dtype == torch.bfloat16 else 1e-5)
@@ -400,6 +402,78 @@ def test_quantized_llama_decode_groups_each_layers_projections():
     layers = model.config.n_layers
     assert quant_counters()["gemm_4bit_grouped"] == 2 * layers
     assert quant_counters()["gemm_4bit_grouped_members"] == 5 * layers
+    assert quant_counters()["gemm_4bit_swiglu"] == layers  # each MLP's gate/up group + SiLU * up
+
+
+# --------------------------------------------------------------------------------------------
+# silu(gate) * up over a grouped gate/up -> gemm_4bit_swiglu
+
+
+@pytest.mark.parametrize(
+    "dtype, nested, up_first", [(torch.float32, False, False), (torch.bfloat16, True, True), (torch.float32, True, True)]
+)
+def test_swiglu_over_grouped_gate_up_becomes_one_op(dtype, nested, up_first):
+    """A SwiGLU MLP at decode: the grouped gate/up matmul, the SiLU and the product -> one
+    gemm_4bit_swiglu (either operand order of the product, the SiLU on either weight of the
+    group); equals the unfused compile up to the SiLU's last-bit rounding, and eager within the
+    dtype's tolerance."""
+    gate_up, down = _projections((96, 96), nested=nested), _projections((64,), k=96, nested=nested)
+    x = torch.randn(1, 1, 64, dtype=dtype)
+
+    def fn(x):
+        gate, up = (_linear(x, w) for w in gate_up)
+        hidden = up * F.silu(gate) if up_first else F.silu(gate) * up
+        return _linear(hidden, down[0])
+
+    _, unfused, _ = run_compiled(fn, x, pass_config=QuantPassConfig(fuse_swiglu_epilogues=False))
+    expected, actual, source = run_compiled(fn, x)
+    ulp = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(actual, unfused, rtol=ulp, atol=ulp)
+    assert_close(actual, expected)
+    assert quant_counters()["gemm_4bit_swiglu"] == 1
+    assert calls(source, "torch.ops.inductor_quant.gemm_4bit_swiglu.default") == 1
+    assert calls(source, "torch.ops.inductor_quant.gemm_4bit_grouped.default") == 0
+    assert calls(source, "torch.ops.inductor_quant.gemm_4bit.default") == 1  # the down projection
+    [decision] = [d for d in records.fusion_decisions() if d.pattern == "swiglu_epilogue"]
+    assert decision.action == "rewritten" and "96 rows each" in decision.reason
+
+
+def test_swiglu_that_cannot_be_fused_is_left_alone():
+    """Not fused: the gate product also returned; SiLU times its own input; GELU instead of
+    SiLU; the product kept in fp32. The grouped op stays and the results equal eager."""
+    gate_up = _projections((32, 32))
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+
+    def products(x):
+        return (_linear(x, w) for w in gate_up)
+
+    def gate_escapes(x):
+        gate, up = products(x)
+        return F.silu(gate) * up, gate
+
+    def same_half(x):
+        gate, up = products(x)
+        return F.silu(gate) * gate, up
+
+    def gelu(x):
+        gate, up = products(x)
+        return F.gelu(gate) * up
+
+    def fp32_product(x):
+        gate, up = products(x)
+        return F.silu(gate.float()) * up.float()
+
+    for fn in (gate_escapes, same_half, gelu, fp32_product):
+        expected, actual, source = run_compiled(fn, x)
+        for a, e in zip(actual if isinstance(actual, tuple) else [actual], expected if isinstance(expected, tuple) else [expected]):
+            assert_close(a, e)
+        assert "gemm_4bit_swiglu" not in quant_counters(), fn.__name__
+        assert calls(source, "torch.ops.inductor_quant.gemm_4bit_grouped.default") == 1, fn.__name__
+        decisions = [d for d in records.fusion_decisions() if d.pattern == "swiglu_epilogue"]
+        if fn is gate_escapes:  # matched, then refused: the reason names the escaping node
+            assert [d.action for d in decisions] == ["not rewritten"] and "also read outside" in decisions[0].reason
+        else:
+            assert not decisions, fn.__name__
 
 
 # --------------------------------------------------------------------------------------------

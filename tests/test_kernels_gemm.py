@@ -218,6 +218,37 @@ def test_grouped_falls_back_to_one_fused_call_per_weight(M, mixed):
     _check_grouped(out, A, weights)
 
 
+def _swiglu_float64(A, gate, up, biases=None):
+    g, u = (w.float64(A, b) for w, b in zip((gate, up), biases or (None, None)))
+    return torch.nn.functional.silu(g) * u
+
+
+@pytest.mark.parametrize(
+    "N, K, dtype, nested, has_bias",
+    [(40, 512, torch.bfloat16, True, False), (33, 1280, torch.float16, False, True), (24, 256, torch.float32, True, True)],
+)
+def test_swiglu_gemv_writes_silu_gate_times_up(N, K, dtype, nested, has_bias):
+    gate, up = Weight(N, K, nested=nested), Weight(N, K, nested=nested)
+    biases = [torch.randn(N).to(dtype) for _ in range(2)] if has_bias else None
+    A = (torch.randn(1, K) / K**0.5).to(dtype)  # products of order 1: the SiLU is not saturated
+    out = torch.full((1, N), float("nan"), dtype=dtype)
+    kernels.gemm_4bit_swiglu_fused(A, *_grouped([gate, up], biases), K, gate.code, 64, out=out)
+    # the same products from the grouped GEMV (tiles sized for the same 2 N rows), combined as two ops would
+    products = kernels.gemm_4bit_grouped_fused(A, _grouped([gate, up], biases), K, gate.code, 64)
+    expected = ref.swiglu(*products.split(N, dim=1))
+    ulp = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    torch.testing.assert_close(out, expected, rtol=ulp, atol=ulp)  # the kernel's exp may differ by an ulp
+    # three roundings to dtype (each product, the SiLU, the output) instead of one
+    assert _rel(out, _swiglu_float64(A, gate, up, biases)) < 4 * REL_TOL_F64[dtype]
+
+
+def test_swiglu_gemv_rejects_what_it_cannot_fuse():
+    gate, up = Weight(40, 256), Weight(24, 256)
+    with pytest.raises(ValueError, match="two word-aligned weights of one shape"):
+        kernels.gemm_4bit_swiglu_fused(torch.randn(1, 256), *_grouped([gate, up]), 256, gate.code, 64)
+    assert not kernels.swiglu_fusable(2, *_grouped([gate, gate]), 256, 64)
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU: the registered GPU functions (argument handling), called with CPU tensors
 # ------------------------------------------------------------------------------------------------
@@ -310,9 +341,22 @@ def test_grouped_op_function_reshapes_and_takes_the_large_M_path():
         _check_grouped(out.reshape(-1, 64), A.reshape(-1, 128), weights)
 
 
+def test_swiglu_op_function_fuses_one_row_and_falls_back_otherwise():
+    gate, up = Weight(40, 256, nested=True), Weight(40, 256, nested=True)
+    args = (
+        [gate.B, up.B], [40, 40], [gate.absmax, up.absmax], 64, "nf4", None,
+        *([w.nested[k] for w in (gate, up)] for k in ("absmax_8bit", "absmax_code", "absmax_offset")),
+    )
+    for A in (torch.randn(1, 1, 256) / 16, torch.randn(2, 3, 256) / 16):
+        out = triton_gemm._gemm_4bit_swiglu_gpu(A, *args)
+        assert out.shape == (*A.shape[:-1], 40)
+        expected = ops.gemm_4bit_swiglu(A, *args)  # the CPU kernel: reference products, reference.swiglu
+        assert _rel(out, expected) < REL_TOL_REF[torch.float32]
+
+
 def test_registered_for_gpu_device_types():
     for op in ("inductor_quant::gemm_4bit", "inductor_quant::gemm_4bit_grouped", "inductor_quant::gemv_4bit",
-               "inductor_quant::gemv_4bit.out"):
+               "inductor_quant::gemv_4bit.out", "inductor_quant::gemm_4bit_swiglu"):
         for key in ("CUDA", "XPU"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
 
@@ -422,6 +466,25 @@ def test_gpu_compiled_graph_calls_the_op():
     A = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(A), f(A), rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("N, K, nested", [(14336, 4096, True), (1000, 3008, False)])
+def test_gpu_swiglu_gemv_equals_grouped_products(N, K, nested):
+    """The SwiGLU launch (shuffle lookup, bf16) equals silu(gate) * up of the grouped GEMV's products
+    on the same tiles, up to the SiLU's last bit; through the op at one row and at several."""
+    gate, up = Weight(N, K, 64, "nf4", nested=nested, device="cuda"), Weight(N, K, 64, "nf4", nested=nested, device="cuda")
+    A = (torch.randn(1, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    out = torch.full((1, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    kernels.gemm_4bit_swiglu_fused(A, *_grouped([gate, up]), K, gate.code, 64, out=out)
+    products = kernels.gemm_4bit_grouped_fused(A, _grouped([gate, up]), K, gate.code, 64)
+    torch.testing.assert_close(out, ref.swiglu(*products.split(N, dim=1)), rtol=2**-7, atol=2**-7)
+    assert _rel(out, _swiglu_float64(A, gate, up)) < 4 * REL_TOL_F64[torch.bfloat16]
+    nested_lists = [[w.nested[k] for w in (gate, up)] for k in ("absmax_8bit", "absmax_code", "absmax_offset")] if nested else []
+    for rows in (1, 3):
+        A_rows = (torch.randn(rows, K, device="cuda") / K**0.5).to(torch.bfloat16)
+        op_out = ops.gemm_4bit_swiglu(A_rows, [gate.B, up.B], [N, N], [gate.absmax, up.absmax], 64, "nf4", None, *nested_lists)
+        assert _rel(op_out, _swiglu_float64(A_rows, gate, up)) < 4 * REL_TOL_F64[torch.bfloat16]
 
 
 @requires_cuda

@@ -13,6 +13,8 @@ to memory. Three kernels (and a grouped GEMV), chosen by :func:`gemm_4bit_fused`
   for every M-tile after the first.
 * ``_gemv_4bit_grouped_kernel`` (M = 1, several weights, :func:`gemm_4bit_grouped_fused`): the
   GEMV of up to four weights that read the same activations, in one launch and one output.
+* ``_gemv_4bit_swiglu_kernel`` (M = 1, :func:`gemm_4bit_swiglu_fused`): the gate and up GEMVs of a
+  SwiGLU feed-forward, writing ``silu(gate) * up`` (their products never go to memory).
 * ``_gemm_4bit_generic_kernel`` (any shape): per-element byte, nibble and block indexing, for the
   layouts the word kernels cannot read: ``K % blocksize != 0`` (blocks straddle rows), odd ``N * K``
   or a packed buffer that is not 4-byte aligned. Still fused; slower.
@@ -48,6 +50,8 @@ __all__ = [
     "QuantizedWeight",
     "gemm_4bit_fused",
     "gemm_4bit_grouped_fused",
+    "gemm_4bit_swiglu_fused",
+    "swiglu_fusable",
     "is_word_aligned",
     "fused_path",
 ]
@@ -310,6 +314,32 @@ def _gemv_4bit_grouped_kernel(
         bias = _pick(group, bias0, bias1, bias2, bias3, GROUPS)
         res += tl.load(bias + tl.minimum(rows, N - 1)).to(tl.float32)
     tl.store(out + col + rows, res.to(out.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _gemv_4bit_swiglu_kernel(
+    A, code, out,
+    B0, B1, absmax0, absmax1, absmax_8bit0, absmax_8bit1, absmax_code0, absmax_code1, absmax_offset0, absmax_offset1,
+    bias0, bias1, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
+):
+    """``out[0, n] = silu(A[0] . W_gate[n]) * (A[0] . W_up[n])``: each program runs the GEMV body on
+    ``BLOCK_N`` rows of the gate weight (0) and the same rows of the up weight (1), and writes only
+    the product. Rounding as two separate ops and a compiled SwiGLU would: each product to out's
+    dtype, the SiLU (in fp32) to out's dtype, their product (in fp32) to out's dtype."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gate = _gemv_rows(A, B0, code, absmax0, absmax_8bit0, absmax_code0, absmax_offset0, rows, N, K,
+                      BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K, USE_SHFL)
+    up = _gemv_rows(A, B1, code, absmax1, absmax_8bit1, absmax_code1, absmax_offset1, rows, N, K,
+                    BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K, USE_SHFL)
+    if HAS_BIAS:
+        gate += tl.load(bias0 + tl.minimum(rows, N - 1)).to(tl.float32)
+        up += tl.load(bias1 + tl.minimum(rows, N - 1)).to(tl.float32)
+    dtype = out.dtype.element_ty
+    gate = gate.to(dtype).to(tl.float32)
+    activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out + rows, (activated * up.to(dtype).to(tl.float32)).to(dtype), mask=rows < N)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -675,6 +705,58 @@ def gemm_4bit_grouped_fused(
         A, code, out, *slots(packed), *tensors("absmax"), *tensors("absmax_8bit"), *tensors("absmax_code"),
         *tensors("absmax_offset"), *tensors("bias"), *sizes, K,
         GROUPS=len(weights), BLOCKSIZE=blocksize, NESTED=nested.pop(), HAS_BIAS=has_bias.pop(),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=_uses_shuffle_lookup(A.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def swiglu_fusable(M: int, gate: QuantizedWeight, up: QuantizedWeight, K: int, blocksize: int) -> bool:
+    """Whether :func:`gemm_4bit_swiglu_fused` takes these weights: one row of A, two word-aligned
+    weights of one shape, both with or both without double quantization and bias."""
+    return (
+        M == 1
+        and K > 0
+        and gate.N == up.N
+        and (gate.absmax_8bit is None) == (up.absmax_8bit is None)
+        and (gate.bias is None) == (up.bias is None)
+        and all(is_word_aligned(w.B.reshape(-1).view(torch.uint8), K, blocksize) for w in (gate, up))
+    )
+
+
+def gemm_4bit_swiglu_fused(
+    A: torch.Tensor,
+    gate: QuantizedWeight,
+    up: QuantizedWeight,
+    K: int,
+    code: torch.Tensor,
+    blocksize: int,
+    out: torch.Tensor | None = None,
+    *,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """``silu(A @ W_gate.T) * (A @ W_up.T)`` (biases added to each product) into ``out [1, N]``, one
+    launch for weights that :func:`swiglu_fusable` accepts. Arguments are assumed checked."""
+    if not swiglu_fusable(A.shape[0], gate, up, K, blocksize):
+        raise ValueError("gemm_4bit_swiglu_fused needs one row of A and two word-aligned weights of one shape and format")
+    N = gate.N
+    if out is None:
+        out = torch.empty((1, N), dtype=A.dtype, device=A.device)
+    if N == 0:
+        return out
+    if A.stride(1) != 1:
+        A = A.contiguous()
+    # each program computes BLOCK_N rows of both weights: tiles sized as for their 2 N rows
+    cfg = config or _gemv_config(2 * N, K)
+    nested = gate.absmax_8bit is not None
+
+    def pair(field: str) -> list:
+        return [getattr(w, field) if getattr(w, field) is not None else w.absmax for w in (gate, up)]
+
+    _gemv_4bit_swiglu_kernel[(_cdiv(N, cfg.block_n),)](
+        A, code, out, gate.B.reshape(-1).view(torch.uint8), up.B.reshape(-1).view(torch.uint8),
+        *pair("absmax"), *pair("absmax_8bit"), *pair("absmax_code"), *pair("absmax_offset"), *pair("bias"), N, K,
+        BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=gate.bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=_uses_shuffle_lookup(A.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -1,4 +1,4 @@
-"""4-bit matmul ops: ``gemv_4bit`` (+ ``.out``), ``gemm_4bit`` and ``gemm_4bit_grouped``.
+"""4-bit matmul ops: ``gemv_4bit`` (+ ``.out``), ``gemm_4bit``, ``gemm_4bit_grouped`` and ``gemm_4bit_swiglu``.
 
 Both compute ``A @ W.T`` for a weight ``W [N, K]`` packed by ``quantize_4bit`` (row-major,
 ``shapeB = [N, K]``). ``gemv_4bit`` takes the 16-entry table itself (``code``) and already
@@ -11,6 +11,11 @@ is used, and ``K`` need not be a multiple of ``blocksize``.
 several weights that read the same activations (a layer's q/k/v or gate/up projections), as one
 op and one output; on GPU, one row of ``A`` takes one kernel launch for all of them. The
 dequantize+linear pass groups sibling ``gemm_4bit`` calls into it.
+
+``gemm_4bit_swiglu`` takes the same arguments for exactly two weights of one shape (gate, up) and
+returns ``silu(gate) * up`` of their products (:func:`reference.swiglu`): a SwiGLU feed-forward's
+input to its down projection. On GPU, one row of ``A`` is one launch whose programs compute a
+gate row and its up row and write only the product (``patterns.swiglu_epilogue`` inserts it).
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ GEMM_4BIT = define(
 
 GEMM_4BIT_GROUPED = define(
     "gemm_4bit_grouped(Tensor A, Tensor[] B, SymInt[] out_features, Tensor[] absmax, int blocksize, str quant_type, "
+    "Tensor[]? bias=None, Tensor[]? absmax_8bit=None, Tensor[]? absmax_code=None, Tensor[]? absmax_offset=None) "
+    "-> Tensor"
+)
+
+GEMM_4BIT_SWIGLU = define(
+    "gemm_4bit_swiglu(Tensor A, Tensor[] B, SymInt[] out_features, Tensor[] absmax, int blocksize, str quant_type, "
     "Tensor[]? bias=None, Tensor[]? absmax_8bit=None, Tensor[]? absmax_code=None, Tensor[]? absmax_offset=None) "
     "-> Tensor"
 )
@@ -135,6 +146,18 @@ def check_gemm_4bit_grouped(A, B, out_features, absmax, blocksize, quant_type, b
             raise type(error)(f"weight {g} of the group (B[{g}], absmax[{g}], ...): {error}") from None
 
 
+def check_gemm_4bit_swiglu(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                           absmax_offset) -> None:
+    """``check_gemm_4bit_grouped`` for exactly two weights (gate, up) with the same number of rows."""
+    check_value(len(B) == 2, lambda: f"B must hold two packed weights (gate, up), got {len(B)}")
+    check_value(
+        len(out_features) != 2 or out_features[0] == out_features[1],
+        lambda: f"out_features must be equal (gate and up have the same rows), got {list(out_features)}",
+    )
+    check_gemm_4bit_grouped(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                            absmax_offset)
+
+
 def _output_shape(A: torch.Tensor, shapeB) -> list:
     return [*A.shape[:-1], shapeB[0]]
 
@@ -193,3 +216,25 @@ def _gemm_4bit_grouped_cpu(A, B, out_features, absmax, blocksize, quant_type, bi
         ],
         dim=-1,
     )
+
+
+@register_fake(GEMM_4BIT_SWIGLU)
+def _gemm_4bit_swiglu_fake(A, B, out_features, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
+                           absmax_code=None, absmax_offset=None):
+    check_gemm_4bit_swiglu(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                           absmax_offset)
+    return A.new_empty([*A.shape[:-1], out_features[0]])
+
+
+@register_kernel(GEMM_4BIT_SWIGLU, "cpu")
+def _gemm_4bit_swiglu_cpu(A, B, out_features, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
+                          absmax_code=None, absmax_offset=None):
+    check_gemm_4bit_swiglu(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                           absmax_offset)
+    gate, up = (
+        reference.gemm_4bit(A, B_g, [N, A.shape[-1]], absmax_g, blocksize, quant_type, bias_g, absmax_8bit_g,
+                            absmax_code_g, absmax_offset_g)
+        for B_g, N, absmax_g, bias_g, absmax_8bit_g, absmax_code_g, absmax_offset_g
+        in grouped_weights(B, out_features, absmax, bias, absmax_8bit, absmax_code, absmax_offset)
+    )
+    return reference.swiglu(gate, up)

@@ -1,4 +1,4 @@
-"""GPU kernels of ``gemv_4bit`` (+ ``.out``), ``gemm_4bit`` and ``gemm_4bit_grouped``: the fused Triton kernels of
+"""GPU kernels of ``gemv_4bit`` (+ ``.out``), ``gemm_4bit``, ``gemm_4bit_grouped`` and ``gemm_4bit_swiglu``: the fused Triton kernels of
 ``inductor_quant.kernels.gemm`` up to ``FUSED_MAX_M`` rows of A, dequantize + ``F.linear``
 (cuBLAS) above it, where the product is compute-bound and the weight is read only once per
 ``F.linear`` anyway. Registered for "cuda" and "xpu"; the checks are the CPU kernels' own.
@@ -21,10 +21,12 @@ from ._library import TRITON_DEVICES
 from .gemm import (
     GEMM_4BIT,
     GEMM_4BIT_GROUPED,
+    GEMM_4BIT_SWIGLU,
     GEMV_4BIT,
     NESTED_BLOCKSIZE,
     check_gemm_4bit,
     check_gemm_4bit_grouped,
+    check_gemm_4bit_swiglu,
     check_gemv_4bit,
     grouped_weights,
 )
@@ -63,14 +65,14 @@ def _checked_gemm(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit
 
 
 def _checked_grouped(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
-                     absmax_offset) -> None:
+                     absmax_offset, check=check_gemm_4bit_grouped) -> None:
     def metas(tensors):
         return None if tensors is None else tuple(map(_meta, tensors))
 
-    key = ("grouped", _meta(A), metas(B), tuple(out_features), metas(absmax), blocksize, quant_type, metas(bias),
+    key = (check.__name__, _meta(A), metas(B), tuple(out_features), metas(absmax), blocksize, quant_type, metas(bias),
            metas(absmax_8bit), metas(absmax_code), metas(absmax_offset))
-    _check_once(check_gemm_4bit_grouped, key, A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit,
-                absmax_code, absmax_offset)
+    _check_once(check, key, A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                absmax_offset)
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,7 +194,23 @@ def _gemm_4bit_grouped_gpu(A, B, out_features, absmax, blocksize, quant_type, bi
     return out.view(*A.shape[:-1], out.shape[-1])
 
 
+def _gemm_4bit_swiglu_gpu(A, B, out_features, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
+                          absmax_code=None, absmax_offset=None):
+    _checked_grouped(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset,
+                     check=check_gemm_4bit_swiglu)
+    K = A.shape[-1]
+    gate, up = (_contiguous_weight(*w) for w in grouped_weights(B, out_features, absmax, bias, absmax_8bit, absmax_code,
+                                                                  absmax_offset))
+    if not kernels.swiglu_fusable(_rows(A), gate, up, K, blocksize):
+        both = _gemm_4bit_grouped_gpu(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit,
+                                      absmax_code, absmax_offset)
+        return reference.swiglu(*both.split(gate.N, dim=-1))
+    out = kernels.gemm_4bit_swiglu_fused(_as_rows(A, K), gate, up, K, _code_table(quant_type, A.device), blocksize)
+    return out.view(*A.shape[:-1], gate.N)
+
+
 register_kernel(GEMV_4BIT, TRITON_DEVICES, _gemv_4bit_gpu)
 register_kernel(f"{GEMV_4BIT}.out", TRITON_DEVICES, _gemv_4bit_out_gpu)
 register_kernel(GEMM_4BIT, TRITON_DEVICES, _gemm_4bit_gpu)
 register_kernel(GEMM_4BIT_GROUPED, TRITON_DEVICES, _gemm_4bit_grouped_gpu)
+register_kernel(GEMM_4BIT_SWIGLU, TRITON_DEVICES, _gemm_4bit_swiglu_gpu)

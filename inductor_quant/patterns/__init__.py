@@ -5,6 +5,8 @@
   ``gemm_4bit`` / ``linear_8bit``;
 * ``sibling_matmuls``: ``gemm_4bit`` calls that read the same activations (q/k/v, gate/up) ->
   one ``gemm_4bit_grouped`` (one GEMV launch for all of them at decode);
+* ``swiglu_epilogue``: ``silu(gate) * up`` over a grouped gate/up matmul -> one
+  ``gemm_4bit_swiglu`` (the SwiGLU computed in the GEMV's epilogue);
 * ``optimizer_chain``: auto-functionalized mutating optimizer updates -> functional optimizer
   steps (which the lowerings fuse into one kernel per tensor);
 * ``standalone``: quant ops left with no fusible neighbour (GPU) -> marked so that their lowering

@@ -37,7 +37,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import PatternMatcherPass
 
 from ..lowerings import lowering_files, register_lowerings
-from . import dequant_linear, optimizer_chain, sibling_matmuls, standalone
+from . import dequant_linear, optimizer_chain, sibling_matmuls, standalone, swiglu_epilogue
 
 try:
     from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass as _PassBase
@@ -62,6 +62,8 @@ class QuantPassConfig:
     H100 with torch 2.11, max-autotune did not make it the prologue of a Triton matmul template).
     ``group_sibling_matmuls``: ``gemm_4bit`` calls that read the same activations (q/k/v,
     gate/up) -> one ``gemm_4bit_grouped`` (one GEMV launch at decode; ``patterns.sibling_matmuls``).
+    ``fuse_swiglu_epilogues``: ``silu(gate) * up`` over a grouped gate/up matmul -> one
+    ``gemm_4bit_swiglu`` (the products never go to memory; ``patterns.swiglu_epilogue``).
     ``functional_optimizer_updates``: auto-functionalized mutating optimizer updates ->
     the functional optimizer steps (which have fused lowerings).
     ``standalone_kernels``: quant ops with no fusible neighbour call their hand-written kernel
@@ -72,6 +74,7 @@ class QuantPassConfig:
     dequant_linear_4bit: bool = True
     dequant_linear_8bit: bool = True
     group_sibling_matmuls: bool = True
+    fuse_swiglu_epilogues: bool = True
     functional_optimizer_updates: bool = True
     standalone_kernels: bool = True
     lowerings: bool = True
@@ -136,9 +139,13 @@ class QuantPassManager(_PassBase):
         changed += self.patterns.apply(graph)
         if self.config.group_sibling_matmuls:
             changed += sibling_matmuls.group_sibling_matmuls(graph)
+        if self.config.fuse_swiglu_epilogues:
+            changed += swiglu_epilogue.fuse_swiglu_epilogues(graph)
         if changed:
             _set_eager_input_vals(
-                graph, dequant_linear.FUSED_TARGETS + sibling_matmuls.FUSED_TARGETS + optimizer_chain.FUSED_TARGETS
+                graph,
+                dequant_linear.FUSED_TARGETS + sibling_matmuls.FUSED_TARGETS + swiglu_epilogue.FUSED_TARGETS
+                + optimizer_chain.FUSED_TARGETS,
             )
             graph.eliminate_dead_code()
             graph.lint()

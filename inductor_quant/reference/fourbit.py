@@ -30,6 +30,7 @@ __all__ = [
     "resolve_absmax",
     "gemv_4bit",
     "gemm_4bit",
+    "swiglu",
 ]
 
 
@@ -144,3 +145,10 @@ def gemm_4bit(
     scales = resolve_absmax(absmax, absmax_8bit, absmax_code, absmax_offset)
     weight = dequantize_4bit(B, scales, blocksize, quant_type, shapeB, A.dtype)
     return F.linear(A.contiguous(), weight, bias)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` as the two ops compute it in ``gate``'s dtype: each op in fp32, its result
+    rounded to the dtype (what a compiled ``F.silu(x @ W_gate.T) * (x @ W_up.T)`` gives)."""
+    activated = F.silu(gate.float()).to(gate.dtype)
+    return (activated.float() * up.float()).to(gate.dtype)
