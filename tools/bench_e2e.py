@@ -6,7 +6,7 @@
 Decode: the built-in Llama-style model (``inductor_quant.models``) with Llama-3-8B's shapes (dim
 4096, 32 heads, 8 KV heads, FFN 14336, vocab 128256), ``--layers`` layers, random bf16 weights
 drawn on the GPU, static KV cache: a greedy loop of ``--steps`` single-token steps from position
-128, timed with CUDA events after three warm-up steps. Variants:
+128, timed with CUDA events after three warm-up steps (the median of five such loops). Variants:
 
 * ``bf16 compiled``: ``torch.compile(mode="reduce-overhead", fullgraph=True)``;
 * ``nf4 compiled (ours)``: every linear but ``lm_head`` quantized by ``quantize_model`` (NF4,
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import os
 import sys
 import traceback
@@ -144,24 +145,29 @@ def to_bitsandbytes(model: TinyLlama) -> TinyLlama:
     return model
 
 
-def time_decode(forward: Callable, steps: int) -> tuple[float, torch.Tensor]:
+def time_decode(forward: Callable, steps: int, repeats: int = 5) -> tuple[float, torch.Tensor]:
     """µs per token of a greedy decode of ``steps`` tokens from position ``POSITION`` (each step
-    feeds the previous argmax back), after 3 warm-up steps (compile, CUDA-graph capture); also
-    returns the logits of the first timed step."""
-    token = torch.tensor([[1234]], device="cuda")
+    feeds the previous argmax back), after 3 warm-up steps (compile, CUDA-graph capture): the
+    median of ``repeats`` such loops over the same positions. Also returns the logits of the first
+    timed step."""
     with torch.no_grad():
+        token = torch.tensor([[1234]], device="cuda")
         for i in range(3):
             forward(token, torch.tensor([POSITION - 3 + i], device="cuda"))
         positions = [torch.tensor([POSITION + i], device="cuda") for i in range(steps)]
         first = forward(token, positions[0]).float().clone()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for position in positions:
-            token = forward(token, position)[:, -1].argmax(dim=-1, keepdim=True)
-        end.record()
-        torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / steps, first
+        times = []
+        for _ in range(repeats):
+            token = torch.tensor([[1234]], device="cuda")
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for position in positions:
+                token = forward(token, position)[:, -1].argmax(dim=-1, keepdim=True)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / steps)
+    return statistics.median(times), first
 
 
 def kernel_breakdown(forward: Callable, steps: int = 4, top: int = 15) -> str:
