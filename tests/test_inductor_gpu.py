@@ -36,6 +36,17 @@ def cuda_kernels_launched(fn, *args) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
 
 
+def compile_and_run(fn, *args, **options):
+    """Fresh Dynamo state and counters; ``iq.compile(fn, fullgraph=True, options=options)``, one call
+    without autograd: ``(compiled, output, generated source)``."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = iq_compile(fn, fullgraph=True, options=options)
+    with torch.no_grad():
+        out, source = run_and_get_code(compiled, *args)
+    return compiled, out, "\n".join(source)
+
+
 def triton_kernel_count(source: str) -> int:
     return source.count("@triton.jit")
 
@@ -54,11 +65,7 @@ def test_dequantize_linear_m1_is_one_kernel(dtype, coordinate_descent):
     def fn(x, packed, absmax):
         return F.linear(x, iq.dequantize_4bit(packed, absmax, 64, "nf4", [N, K], x.dtype))
 
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = iq_compile(fn, fullgraph=True, options={"coordinate_descent_tuning": coordinate_descent})
-    out, source = run_and_get_code(compiled, x, packed, absmax)
-    source = "\n".join(source)
+    compiled, out, source = compile_and_run(fn, x, packed, absmax, coordinate_descent_tuning=coordinate_descent)
     FileCheck().check_count("torch.ops.inductor_quant.gemm_4bit.default(", 1, exactly=True).run(source)
     FileCheck().check_not("extern_kernels.mm").check_not("extern_kernels.addmm").run(source)
     assert triton_kernel_count(source) == 0
@@ -89,12 +96,8 @@ def test_qkv_projections_at_m1_are_one_kernel(coordinate_descent):
     def fn(x):
         return [projection(x) for projection in projections]
 
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = iq_compile(fn, fullgraph=True, options={"coordinate_descent_tuning": coordinate_descent})
+    compiled, out, source = compile_and_run(fn, x, coordinate_descent_tuning=coordinate_descent)
     with torch.no_grad():
-        out, source = run_and_get_code(compiled, x)
-        source = "\n".join(source)
         FileCheck().check_count("torch.ops.inductor_quant.gemm_4bit_grouped.default(", 1, exactly=True).run(source)
         FileCheck().check_not("torch.ops.inductor_quant.gemm_4bit.default(").run(source)
         assert counters["inductor_quant"]["gemm_4bit_grouped_members"] == 3
@@ -120,12 +123,8 @@ def test_swiglu_mlp_at_m1_is_two_kernels():
     def fn(x):
         return mlp["down"](F.silu(mlp["gate"](x)) * mlp["up"](x))
 
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = iq_compile(fn, fullgraph=True)
+    compiled, out, source = compile_and_run(fn, x)
     with torch.no_grad():
-        out, source = run_and_get_code(compiled, x)
-        source = "\n".join(source)
         FileCheck().check_count("torch.ops.inductor_quant.gemm_4bit_swiglu.default(", 1, exactly=True).run(source)
         FileCheck().check_not("torch.ops.inductor_quant.gemm_4bit_grouped.default(").run(source)
         assert counters["inductor_quant"]["gemm_4bit_swiglu"] == 1

@@ -214,41 +214,24 @@ def test_gemm_4bit_nested_many_blocks():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nested, has_bias", [(False, False), (True, True)])
-def test_gemm_4bit_grouped(dtype, nested, has_bias):
+@pytest.mark.parametrize("nested, has_bias", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("op, sizes", [("gemm_4bit_grouped", (3, 5, 2)), ("gemm_4bit_swiglu", (6, 6))])
+def test_gemm_4bit_multi_weight(op, sizes, dtype, nested, has_bias):
+    """The ops over a list of weights: gemm_4bit_grouped (any widths), gemm_4bit_swiglu (gate, up)."""
     K, blocksize = 160, 64
-    weights = [ops.quantize_4bit(torch.randn(N, K, dtype=dtype), blocksize, "nf4", torch.uint8) for N in (3, 5, 2)]
+    weights = [ops.quantize_4bit(torch.randn(N, K, dtype=dtype), blocksize, "nf4", torch.uint8) for N in sizes]
     packed = [w[0] for w in weights]
     absmax = [w[1] for w in weights]
     optional = {}
     if has_bias:
-        optional["bias"] = [torch.randn(N, dtype=dtype) for N in (3, 5, 2)]
+        optional["bias"] = [torch.randn(N, dtype=dtype) for N in sizes]
     if nested:
         parts = [_nested(a, torch.float32) for a in absmax]
         absmax = [p[0] for p in parts]
         optional.update(absmax_8bit=[p[1] for p in parts], absmax_code=[p[2] for p in parts],
                         absmax_offset=[p[3] for p in parts])
     for A in (torch.randn(2, 3, K, dtype=dtype), torch.randn(1, K, dtype=dtype)):
-        opcheck(ops.gemm_4bit_grouped.default, (A, packed, [3, 5, 2], absmax, blocksize, "nf4"), optional)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nested, has_bias", [(False, True), (True, False)])
-def test_gemm_4bit_swiglu(dtype, nested, has_bias):
-    K, N, blocksize = 160, 6, 64
-    weights = [ops.quantize_4bit(torch.randn(N, K, dtype=dtype), blocksize, "nf4", torch.uint8) for _ in range(2)]
-    packed = [w[0] for w in weights]
-    absmax = [w[1] for w in weights]
-    optional = {}
-    if has_bias:
-        optional["bias"] = [torch.randn(N, dtype=dtype) for _ in range(2)]
-    if nested:
-        parts = [_nested(a, torch.float32) for a in absmax]
-        absmax = [p[0] for p in parts]
-        optional.update(absmax_8bit=[p[1] for p in parts], absmax_code=[p[2] for p in parts],
-                        absmax_offset=[p[3] for p in parts])
-    for A in (torch.randn(2, 3, K, dtype=dtype), torch.randn(1, K, dtype=dtype)):
-        opcheck(ops.gemm_4bit_swiglu.default, (A, packed, [N, N], absmax, blocksize, "nf4"), optional)
+        opcheck(getattr(ops, op).default, (A, packed, list(sizes), absmax, blocksize, "nf4"), optional)
 
 
 OPTIMIZERS_32BIT = ["adam", "lamb", "ademamix", "momentum", "lars", "rmsprop", "lion", "adagrad"]
