@@ -15,6 +15,9 @@ drawn on the GPU, static KV cache: a greedy loop of ``--steps`` single-token ste
   gpt-fast / torchao int4 do; bitsandbytes users usually keep it in bf16);
 * ``nf4 compiled (ours) without grouping``: ``QuantPassConfig(group_sibling_matmuls=False)``,
   one GEMV launch per projection (what the grouping pass saves);
+* ``nf4 compiled (ours) + nf4 lm_head without swiglu epilogue``:
+  ``QuantPassConfig(fuse_swiglu_epilogues=False)``, SiLU·up as a kernel of its own (what
+  ``gemm_4bit_swiglu`` saves);
 * ``nf4 eager (ours)``: the same model uncompiled (our gemm_4bit kernel per linear);
 * ``bnb nf4 eager``: the same layers as ``bitsandbytes.nn.Linear4bit`` (skipped without bnb);
 * ``bnb nf4 compiled``: that model under ``torch.compile`` with the same mode (skipped on error).
@@ -208,11 +211,15 @@ def decode_results(layers: int, steps: int, only: list[str] | None = None, break
     def ungrouped(model):
         return ours_compiled(model, QuantPassConfig(group_sibling_matmuls=False))
 
+    def without_swiglu_epilogue(model):
+        return ours_compiled(model, QuantPassConfig(fuse_swiglu_epilogues=False))
+
     variants = [
         ("bf16 compiled", lambda: bf16, compiled),
         ("nf4 compiled (ours)", nf4_model, ours_compiled),
         ("nf4 compiled (ours) + nf4 lm_head", lambda: nf4_model(skip=()), ours_compiled),
         ("nf4 compiled (ours) without grouping", nf4_model, ungrouped),
+        ("nf4 compiled (ours) + nf4 lm_head without swiglu epilogue", lambda: nf4_model(skip=()), without_swiglu_epilogue),
         ("nf4 eager (ours)", nf4_model, lambda model: model),
         ("bnb nf4 eager", lambda: to_bitsandbytes(bf16), lambda model: model),
         ("bnb nf4 compiled", lambda: to_bitsandbytes(bf16), compiled),
