@@ -668,18 +668,7 @@ def gemm_4bit_grouped_fused(
     total = sum(w.N for w in weights)
     if out is None:
         out = torch.empty((M, total), dtype=A.dtype, device=A.device)
-    nested = {w.absmax_8bit is not None for w in weights}
-    has_bias = {w.bias is not None for w in weights}
-    packed = [w.B.reshape(-1).view(torch.uint8) for w in weights]
-    one_launch = (
-        M == 1
-        and K > 0
-        and 1 < len(weights) <= GROUPED_MAX_WEIGHTS
-        and len(nested) == 1
-        and len(has_bias) == 1
-        and all(is_word_aligned(b, K, blocksize) for b in packed)
-    )
-    if not one_launch:
+    if not (1 < len(weights) <= GROUPED_MAX_WEIGHTS and _one_gemv_launch(M, weights, K, blocksize)):
         column = 0
         for w in weights:
             gemm_4bit_fused(
@@ -690,6 +679,7 @@ def gemm_4bit_grouped_fused(
         return out
     if A.stride(1) != 1:
         A = A.contiguous()
+    packed = [w.B.reshape(-1).view(torch.uint8) for w in weights]
     cfg = _gemv_config(total, K)  # the grid covers every weight's rows: size it by their sum
     padding = GROUPED_MAX_WEIGHTS - len(weights)
 
@@ -704,24 +694,30 @@ def gemm_4bit_grouped_fused(
     _gemv_4bit_grouped_kernel[grid](
         A, code, out, *slots(packed), *tensors("absmax"), *tensors("absmax_8bit"), *tensors("absmax_code"),
         *tensors("absmax_offset"), *tensors("bias"), *sizes, K,
-        GROUPS=len(weights), BLOCKSIZE=blocksize, NESTED=nested.pop(), HAS_BIAS=has_bias.pop(),
+        GROUPS=len(weights), BLOCKSIZE=blocksize, NESTED=weights[0].absmax_8bit is not None,
+        HAS_BIAS=weights[0].bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=_uses_shuffle_lookup(A.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-def swiglu_fusable(M: int, gate: QuantizedWeight, up: QuantizedWeight, K: int, blocksize: int) -> bool:
-    """Whether :func:`gemm_4bit_swiglu_fused` takes these weights: one row of A, two word-aligned
-    weights of one shape, both with or both without double quantization and bias."""
+def _one_gemv_launch(M: int, weights: Sequence[QuantizedWeight], K: int, blocksize: int) -> bool:
+    """What one launch of a multi-weight GEMV takes: one row of A, word-aligned weights that all
+    have or all lack double quantization, and all have or all lack a bias."""
     return (
         M == 1
         and K > 0
-        and gate.N == up.N
-        and (gate.absmax_8bit is None) == (up.absmax_8bit is None)
-        and (gate.bias is None) == (up.bias is None)
-        and all(is_word_aligned(w.B.reshape(-1).view(torch.uint8), K, blocksize) for w in (gate, up))
+        and len({w.absmax_8bit is None for w in weights}) == 1
+        and len({w.bias is None for w in weights}) == 1
+        and all(is_word_aligned(w.B.reshape(-1).view(torch.uint8), K, blocksize) for w in weights)
     )
+
+
+def swiglu_fusable(M: int, gate: QuantizedWeight, up: QuantizedWeight, K: int, blocksize: int) -> bool:
+    """Whether :func:`gemm_4bit_swiglu_fused` takes these weights: one launch's worth
+    (:func:`_one_gemv_launch`) of two weights of one shape."""
+    return gate.N == up.N and _one_gemv_launch(M, (gate, up), K, blocksize)
 
 
 def gemm_4bit_swiglu_fused(
