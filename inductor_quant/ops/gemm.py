@@ -206,16 +206,22 @@ def _gemm_4bit_grouped_cpu(A, B, out_features, absmax, blocksize, quant_type, bi
                            absmax_code=None, absmax_offset=None):
     check_gemm_4bit_grouped(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
                             absmax_offset)
-    weights = grouped_weights(B, out_features, absmax, bias, absmax_8bit, absmax_code, absmax_offset)
-    K = A.shape[-1]
     return torch.cat(
-        [
-            reference.gemm_4bit(A, B_g, [N, K], absmax_g, blocksize, quant_type, bias_g, absmax_8bit_g, absmax_code_g,
-                                absmax_offset_g)
-            for B_g, N, absmax_g, bias_g, absmax_8bit_g, absmax_code_g, absmax_offset_g in weights
-        ],
+        _reference_products(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                            absmax_offset),
         dim=-1,
     )
+
+
+def _reference_products(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                        absmax_offset) -> list[torch.Tensor]:
+    """``reference.gemm_4bit`` of A with each weight of a group (arguments already checked)."""
+    return [
+        reference.gemm_4bit(A, B_g, [N, A.shape[-1]], absmax_g, blocksize, quant_type, bias_g, absmax_8bit_g,
+                            absmax_code_g, absmax_offset_g)
+        for B_g, N, absmax_g, bias_g, absmax_8bit_g, absmax_code_g, absmax_offset_g
+        in grouped_weights(B, out_features, absmax, bias, absmax_8bit, absmax_code, absmax_offset)
+    ]
 
 
 @register_fake(GEMM_4BIT_SWIGLU)
@@ -231,10 +237,6 @@ def _gemm_4bit_swiglu_cpu(A, B, out_features, absmax, blocksize, quant_type, bia
                           absmax_code=None, absmax_offset=None):
     check_gemm_4bit_swiglu(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
                            absmax_offset)
-    gate, up = (
-        reference.gemm_4bit(A, B_g, [N, A.shape[-1]], absmax_g, blocksize, quant_type, bias_g, absmax_8bit_g,
-                            absmax_code_g, absmax_offset_g)
-        for B_g, N, absmax_g, bias_g, absmax_8bit_g, absmax_code_g, absmax_offset_g
-        in grouped_weights(B, out_features, absmax, bias, absmax_8bit, absmax_code, absmax_offset)
-    )
+    gate, up = _reference_products(A, B, out_features, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                                   absmax_offset)
     return reference.swiglu(gate, up)
