@@ -81,7 +81,7 @@ def _grouped_half(node: torch.fx.Node, chain: list[torch.fx.Node]) -> tuple[torc
     if len(widths) != 2 or widths[0] != widths[1] or not isinstance(widths[0], int):
         return None
     val = grouped.meta["val"]
-    dim, start, end = (list(node.args[1:]) + [0, None])[:3]
+    dim, start, end = (list(node.args[1:]) + [0, 0, None][len(node.args) - 1:])[:3]  # schema defaults
     if dim % val.dim() != val.dim() - 1 or (start, end) not in ((0, widths[0]), (widths[0], 2 * widths[0])):
         return None
     chain.append(node)
