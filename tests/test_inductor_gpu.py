@@ -309,23 +309,38 @@ def test_first_use_inside_cudagraph_warmup():
     assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
-def test_standalone_dequantize_calls_the_kernel_and_fused_one_is_generated():
-    """Compiled with the passes: a dequantize returned as it is calls the hand-written kernel (no
-    generated kernel); one followed by a multiply becomes one generated Triton kernel."""
+def test_standalone_quant_ops_call_the_kernel_and_fused_ones_are_generated():
+    """Compiled with the passes: a quantize or dequantize returned as it is calls the hand-written
+    kernel (no generated kernel); one with a pointwise neighbour (the product being quantized, a
+    multiply of the dequantized weight) becomes generated code and no op call."""
     N, K = 256, 512
-    packed, absmax = iq.quantize_4bit(torch.randn(N, K, device="cuda"), 64, "nf4", torch.uint8)
+    x = torch.randn(N, K, device="cuda")
+    packed, absmax = iq.quantize_4bit(x, 64, "nf4", torch.uint8)
     want = ref_fourbit.dequantize_4bit(packed.cpu(), absmax.cpu(), 64, "nf4", [N, K], torch.bfloat16).cuda()
 
-    def alone(packed, absmax):
+    def quantize(x):
+        return iq.quantize_4bit(x, 64, "nf4", torch.uint8)
+
+    def quantize_doubled(x):
+        return quantize(x * 2)
+
+    def dequantize(packed, absmax):
         return iq.dequantize_4bit(packed, absmax, 64, "nf4", [N, K], torch.bfloat16)
 
-    def scaled(packed, absmax):
-        return alone(packed, absmax) * 2
+    def dequantize_doubled(packed, absmax):
+        return dequantize(packed, absmax) * 2
 
-    for fn, expected, calls, generated in ((alone, want, 1, 0), (scaled, want * 2, 0, 1)):
+    cases = (
+        (quantize, (x,), quantize(x), "quantize_4bit", 1),
+        (quantize_doubled, (x,), quantize(x * 2), "quantize_4bit", 0),
+        (dequantize, (packed, absmax), want, "dequantize_4bit", 1),
+        (dequantize_doubled, (packed, absmax), want * 2, "dequantize_4bit", 0),
+    )
+    for fn, args, expected, op, calls in cases:
         torch._dynamo.reset()
-        out, source = run_and_get_code(iq_compile(fn, fullgraph=True), packed, absmax)
+        out, source = run_and_get_code(iq_compile(fn, fullgraph=True), *args)
         source = "\n".join(source)
-        assert source.count("torch.ops.inductor_quant.dequantize_4bit.default(") == calls, fn.__name__
-        assert triton_kernel_count(source) == generated, fn.__name__
+        assert source.count(f"torch.ops.inductor_quant.{op}.default(") == calls, fn.__name__
+        # the generated quantize is a block reduction and a pointwise pack (one or two kernels)
+        assert (triton_kernel_count(source) == 0) == (calls == 1), fn.__name__
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
