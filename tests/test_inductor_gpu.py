@@ -330,17 +330,18 @@ def test_standalone_quant_ops_call_the_kernel_and_fused_ones_are_generated():
     def dequantize_doubled(packed, absmax):
         return dequantize(packed, absmax) * 2
 
+    # (fn, args, expected, op, op calls, generated Triton kernels): the generated quantize is a block
+    # reduction and a pointwise pack, which Inductor 2.11 emits as two kernels
     cases = (
-        (quantize, (x,), quantize(x), "quantize_4bit", 1),
-        (quantize_doubled, (x,), quantize(x * 2), "quantize_4bit", 0),
-        (dequantize, (packed, absmax), want, "dequantize_4bit", 1),
-        (dequantize_doubled, (packed, absmax), want * 2, "dequantize_4bit", 0),
+        (quantize, (x,), quantize(x), "quantize_4bit", 1, {0}),
+        (quantize_doubled, (x,), quantize(x * 2), "quantize_4bit", 0, {1, 2}),
+        (dequantize, (packed, absmax), want, "dequantize_4bit", 1, {0}),
+        (dequantize_doubled, (packed, absmax), want * 2, "dequantize_4bit", 0, {1}),
     )
-    for fn, args, expected, op, calls in cases:
+    for fn, args, expected, op, calls, kernels in cases:
         torch._dynamo.reset()
         out, source = run_and_get_code(iq_compile(fn, fullgraph=True), *args)
         source = "\n".join(source)
         assert source.count(f"torch.ops.inductor_quant.{op}.default(") == calls, fn.__name__
-        # the generated quantize is a block reduction and a pointwise pack (one or two kernels)
-        assert (triton_kernel_count(source) == 0) == (calls == 1), fn.__name__
+        assert triton_kernel_count(source) in kernels, fn.__name__
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
