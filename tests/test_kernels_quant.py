@@ -243,6 +243,39 @@ def test_blockwise_arbitrary_tables(search):
         check_quantize_blockwise(A.to(DEVICE), code.to(DEVICE), 256, k8.QuantizeBlockwiseConfig(search=search))
 
 
+@pytest.mark.parametrize(
+    "config",
+    [k8.QuantizeBlockwiseConfig(), k8.QuantizeBlockwiseConfig(key_shift=19, buckets=4096, probes=3),
+     k8.QuantizeBlockwiseConfig(key_shift=21, buckets=1024)],
+    ids=repr,
+)
+def test_8bit_search_tables_equal_a_bucket_count(config):
+    """The table launch (buckets split over programs) against a torch count: ``mid`` the padded
+    midpoints, ``first[b]`` the midpoints in buckets below ``b``, ``fullest`` the largest bucket,
+    for the signed and unsigned dynamic maps and a map whose midpoints crowd into one bucket."""
+    crowded = torch.sort(0.5 + 0.01 * torch.rand(256))[0]
+    crowded[0], crowded[-1] = -1.0, 1.0
+    for code in (dynamic_map(), dynamic_map(signed=False), crowded):
+        tables = torch.full((k8._TABLE_BYTES + config.buckets,), POISON, dtype=torch.uint8, device=DEVICE)
+        mid, first, fullest = k8._split_tables(k8._build_search_tables(code.to(DEVICE), config, tables), config)
+        expected_mid = torch.cat([code_midpoints(code), torch.full((257,), float("inf"))])
+        expected_mid = torch.where(expected_mid == 0, 0.0, expected_mid)
+        bits = expected_mid[:256].view(torch.int32)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        bucket = ((key >> config.key_shift) + config.buckets // 2).clamp(0, config.buckets - 1)
+        expected_first = (bucket[None, :] < torch.arange(config.buckets)[:, None]).sum(1)
+        assert torch.equal(mid.cpu(), expected_mid)
+        assert torch.equal(first.cpu().long(), expected_first)
+        assert fullest.item() == torch.bincount(bucket).max().item()
+
+
+def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
+    with pytest.raises(ValueError, match="buckets must be a power of two, got 12000"):
+        k8.QuantizeBlockwiseConfig(buckets=12000)
+    with pytest.raises(ValueError, match="buckets=8192 too few for key_shift=17"):
+        k8.QuantizeBlockwiseConfig(key_shift=17, buckets=8192)
+
+
 def test_blockwise_exact_codes_and_midpoints():
     """Every code value maps to itself; every exact midpoint maps to the lower code."""
     code = dynamic_map(device=DEVICE)
@@ -489,16 +522,16 @@ def test_8bit_search_tables_are_cached_per_map_and_version():
     """The second quantize with the same map reuses its tables; an in-place change of the map, or
     another map, builds new ones, and every result equals the reference."""
     k8._TABLE_CACHE.clear()
-    A = torch.randn(3000)
-    code = dynamic_map().clone()
+    A = torch.randn(3000, device=DEVICE)
+    code = dynamic_map(device=DEVICE).clone()
     check_quantize_blockwise(A, code, 256)
     check_quantize_blockwise(A * 0.5, code, 256)
     assert len(k8._TABLE_CACHE) == 1
-    code[1:255] = torch.sort(torch.rand(254) * 2 - 1).values  # same storage, new contents
+    code[1:255] = torch.sort(torch.rand(254, device=DEVICE) * 2 - 1).values  # same storage, new contents
     check_quantize_blockwise(A, code, 256)
-    check_quantize_blockwise(A, dynamic_map(signed=False), 256)
+    check_quantize_blockwise(A, dynamic_map(signed=False, device=DEVICE), 256)
     assert len(k8._TABLE_CACHE) == 3
     with torch.inference_mode():  # no version counter: built per call, never cached
-        check_quantize_blockwise(A, torch.linspace(-1, 1, 256), 256)
-    check_quantize_blockwise(A, torch.linspace(-1, 1, 512)[::2], 256)  # non-contiguous: never cached
+        check_quantize_blockwise(A, torch.linspace(-1, 1, 256, device=DEVICE), 256)
+    check_quantize_blockwise(A, torch.linspace(-1, 1, 512, device=DEVICE)[::2], 256)  # non-contiguous: never cached
     assert len(k8._TABLE_CACHE) == 3

@@ -7,23 +7,23 @@ the lower entry (= the number of fp32 midpoints strictly below ``xn``), and dequ
 fp32 multiply ``code[q] * absmax`` rounded once to the output dtype.
 
 Nearest-code search. The map is an input (any sorted 256-entry table), so nothing about it is
-hard-coded; a one-program launch derives two small tables from it into global memory (6-10 KB,
-read by every program of the quantize launch through L1; built on a map's first use, then cached):
+hard-coded; a small launch derives two tables from it into global memory (6-10 KB, read by every
+program of the quantize launch through L1; built on a map's first use, then cached):
 
 * ``mid``: the 255 fp32 midpoints ``(code[i] + code[i + 1]) * 0.5``, padded with ``+inf``;
 * ``first``: a bucket table. A value's bucket is its fp32 bit pattern made order-preserving
   (``bits ^ ((bits >> 31) & 0x7FFFFFFF)``), shifted right by ``KEY_SHIFT`` and offset to the middle
   of ``[0, BUCKETS)``: a monotone function of the value, ``2**(23 - KEY_SHIFT)`` buckets per octave.
-  ``first[b]`` (uint8) is the number of midpoints whose bucket is below ``b`` (a histogram of the
-  midpoints' buckets, exclusive-scanned).
+  ``first[b]`` (uint8) is the number of midpoints whose bucket is below ``b`` (counted per bucket,
+  256 buckets per program).
 
 Because the bucket function is monotone, a value in bucket ``b`` lies above every midpoint of a lower
 bucket and below every midpoint of a higher one, so its code is ``first[b]`` plus the number of
 midpoints *of its own bucket* below it: ``first[b] + sum_j (xn > mid[first[b] + j])`` for ``j`` up to
 the fullest bucket's count (``PROBES`` unrolled steps, then a run-time loop for any remainder). The
-probes are independent lookups, not a dependent chain: for the dynamic map the fullest bucket holds
-2 midpoints with ``KEY_SHIFT=18`` (3 for the unsigned map; 3 and 5 with ``KEY_SHIFT=19``), so an
-element costs 1 + 2 table lookups instead of the 8 dependent lookups of a binary search
+probes are independent lookups, not a dependent chain: for the signed dynamic map the fullest bucket
+holds 1 midpoint with ``KEY_SHIFT=17`` (2 for the unsigned map; 2 and 3 with ``KEY_SHIFT=18``), so
+an element costs 1 + 1 table lookups instead of the 8 dependent lookups of a binary search
 (``SEARCH="bsearch"``, kept for comparison in the benchmark).
 
 Blocks whose absmax is zero, non-finite or subnormal (reciprocal 0, NaN or Inf) are the only ones
@@ -129,25 +129,37 @@ def store_tile(ptr, start, remaining, offs, value, TILE: tl.constexpr):
 
 
 @triton.jit
-def _search_tables_kernel(code_ptr, mid_ptr, first_ptr, fullest_ptr, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
-    """One program: the search tables of ``code``. ``mid``: 512 fp32 midpoints padded with +inf;
-    ``first``: uint8 per bucket, the number of midpoints in lower buckets; ``fullest``: the
-    largest number of midpoints in one bucket (int32)."""
-    i = tl.arange(0, 2 * CODE_ENTRIES)
+def _midpoints(code_ptr, i):
+    """fp32 midpoints ``(code[i] + code[i + 1]) * 0.5`` for ``i < 255``, +inf from 255 on; -0.0 made
+    +0.0 so that bucket order equals value order."""
     lo = tl.load(code_ptr + i, mask=i < CODE_ENTRIES, other=float("inf"))
     hi = tl.load(code_ptr + i + 1, mask=i < CODE_ENTRIES - 1, other=float("inf"))
     mid = (lo + hi) * 0.5
-    mid = tl.where(mid == 0.0, 0.0, mid)  # -0.0 -> +0.0 so that bucket order equals value order
-    tl.store(mid_ptr + i, mid)
-    j = tl.arange(0, CODE_ENTRIES)
-    lo_j = tl.load(code_ptr + j)
-    hi_j = tl.load(code_ptr + j + 1, mask=j < CODE_ENTRIES - 1, other=float("inf"))
-    mid_j = (lo_j + hi_j) * 0.5
-    mid_j = tl.where(mid_j == 0.0, 0.0, mid_j)
-    counts = tl.histogram(_bucket(mid_j, KEY_SHIFT, BUCKETS), BUCKETS)
+    return tl.where(mid == 0.0, 0.0, mid)
+
+
+@triton.jit
+def _search_tables_kernel(
+    code_ptr, mid_ptr, first_ptr, fullest_ptr,
+    KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr, BUCKETS_PER_PROGRAM: tl.constexpr,
+):
+    """The search tables of ``code``, ``BUCKETS_PER_PROGRAM`` buckets per program.
+
+    ``first[b]`` (uint8) = the number of midpoints in buckets below ``b``, counted directly (a
+    ``[buckets, 256]`` comparison: no histogram, so the buckets split over many small programs that
+    each load the map once). ``fullest`` (int32, zero before the launch) = the largest number of
+    midpoints in one bucket, ``first[b + 1] - first[b]``, maximized over programs by an atomic.
+    Program 0 also writes ``mid`` (512 fp32 midpoints padded with +inf)."""
+    bucket_j = _bucket(_midpoints(code_ptr, tl.arange(0, CODE_ENTRIES)), KEY_SHIFT, BUCKETS)
+    b = tl.program_id(0) * BUCKETS_PER_PROGRAM + tl.arange(0, BUCKETS_PER_PROGRAM)
+    first = tl.sum((bucket_j[None, :] < b[:, None]).to(tl.int32), axis=1)
+    in_bucket = tl.sum((bucket_j[None, :] == b[:, None]).to(tl.int32), axis=1)
     # Below any bucket lie at most 255 midpoints (the +inf pad sits in the last bucket): fits uint8.
-    tl.store(first_ptr + tl.arange(0, BUCKETS), (tl.cumsum(counts, 0) - counts).to(tl.uint8))
-    tl.store(fullest_ptr, tl.max(counts, 0))
+    tl.store(first_ptr + b, first.to(tl.uint8))
+    tl.atomic_max(fullest_ptr, tl.max(in_bucket, 0))
+    if tl.program_id(0) == 0:
+        i = tl.arange(0, 2 * CODE_ENTRIES)
+        tl.store(mid_ptr + i, _midpoints(code_ptr, i))
 
 
 @triton.jit
@@ -250,12 +262,14 @@ class QuantizeBlockwiseConfig:
         tile: int = 2048,
         num_warps: int = 4,
         search: str = "bucket",
-        key_shift: int = 18,
-        buckets: int = 8192,
-        probes: int = 2,
+        key_shift: int = 17,
+        buckets: int = 16384,
+        probes: int = 1,
     ) -> None:
         if search not in ("bucket", "bsearch"):
             raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
+        if buckets & (buckets - 1):
+            raise ValueError(f"buckets must be a power of two, got {buckets}")
         # Unclamped buckets of |xn| <= 1 + 2**-22 (keys +-0x3F800001) must lie in [0, buckets).
         if buckets // 2 <= 0x3F800001 >> key_shift:
             raise ValueError(f"buckets={buckets} too few for key_shift={key_shift}")
@@ -294,13 +308,12 @@ def _is_interpreted(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+# 64 buckets per octave: every bucket of the signed dynamic map holds at most one midpoint (the
+# unsigned map: two, the second probed by the run-time loop), so an element costs two table reads.
+# H100 (tools/notes_quant.md): 28672x8192 312 µs vs 354 µs with 32 buckets per octave (two probes)
+# and 405 µs with 16 (three); the 16 KB bucket table stays in L1. Coarser tables only paid off
+# while the table build was a slow one-program histogram.
 _DEFAULT_QUANTIZE = QuantizeBlockwiseConfig()
-# The one-program table launch costs ~26 µs with 4096 buckets and ~44 µs with 8192 (H100; its
-# histogram dominates); the finer table saves a probe per element. Measured crossover with a table
-# build per call (before the cache): the coarse table is faster up to ~1e8 elements (4096x4096:
-# 56 vs 72 µs; 28672x8192: 422 vs 395 µs).
-_DEFAULT_QUANTIZE_SMALL = QuantizeBlockwiseConfig(key_shift=19, buckets=4096, probes=3)
-_SMALL_QUANTIZE_NUMEL = 1 << 27
 _DEFAULT_DEQUANTIZE = DequantizeBlockwiseConfig()
 
 
@@ -333,13 +346,20 @@ def _check_flat_output(out: torch.Tensor, name: str, numel: int, dtype: torch.dt
 
 _TABLE_CACHE: MapCache[torch.Tensor] = MapCache()
 _TABLE_BYTES = 2 * CODE_ENTRIES * 4 + 4  # + one byte per bucket
+# [32, 256] comparisons: 64 per thread at 4 warps (a [256, 256] tile spills: 255 registers)
+_BUCKETS_PER_PROGRAM = 32
 
 
 def _build_search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig, tables: torch.Tensor) -> torch.Tensor:
-    """Launch the one-program table kernel for ``code`` into ``tables`` (see :func:`_split_tables`);
+    """Launch the table kernel for ``code`` into ``tables`` (see :func:`_split_tables`);
     returns ``tables``."""
     mid, first, fullest = _split_tables(tables, config)
-    _search_tables_kernel[(1,)](code, mid, first, fullest, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets)
+    fullest.zero_()
+    # the interpreter runs programs one after another: few large ones (a tile holds <= 2**20 elements)
+    per_program = min(config.buckets, 2048 if _is_interpreted(code) else _BUCKETS_PER_PROGRAM)
+    _search_tables_kernel[(config.buckets // per_program,)](
+        code, mid, first, fullest, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets, BUCKETS_PER_PROGRAM=per_program
+    )
     return tables
 
 
@@ -357,8 +377,8 @@ def _split_tables(tables: torch.Tensor, config: QuantizeBlockwiseConfig) -> tupl
 def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple[torch.Tensor, ...]:
     """``(mid, first, fullest)`` for ``code`` and the bucket shape of ``config``.
 
-    Building them is a one-program launch that costs more than quantizing a small tensor (26-44 µs
-    on an H100), so they are cached per map (:class:`MapCache`: data pointer and version counter),
+    Building them is a launch of its own (≈ 3 µs of GPU time on an H100, plus a launch), so they are
+    cached per map (:class:`MapCache`: data pointer and version counter),
     in a buffer allocated outside any CUDA-graph pool (``to_device_constant``). While a CUDA graph
     is being captured, or for a non-contiguous map (its contiguous copy is new every call), they
     are built per call instead: a captured build runs only at replay, so caching its buffer would
@@ -386,8 +406,8 @@ def quantize_blockwise(
     ``absmax`` (fp32, one per block) with the 256-entry sorted table ``code`` (fp32).
 
     One program per tile quantizes, reading the search tables of ``code`` (6-10 KB, through L1);
-    the tables come from :func:`_search_tables` (built by a one-program launch on a map's first
-    use, then cached)."""
+    the tables come from :func:`_search_tables` (built by a small launch on a map's first use,
+    then cached)."""
     n = A.numel()
     _check_flat_output(out, "out", n, torch.uint8, A)
     _check_flat_output(absmax, "absmax", -(-n // blocksize), torch.float32, A)
@@ -395,7 +415,7 @@ def quantize_blockwise(
         return
     A = A.contiguous()
     if config is None:
-        config = _DEFAULT_QUANTIZE_SMALL if n < _SMALL_QUANTIZE_NUMEL else _DEFAULT_QUANTIZE
+        config = _DEFAULT_QUANTIZE
     tile = max(_INTERPRETER_TILE if _is_interpreted(A) else config.tile, blocksize)
     with device_guard(A):
         mid, first, fullest = _search_tables(code, config)
