@@ -259,8 +259,8 @@ class QuantizeBlockwiseConfig:
 
     def __init__(
         self,
-        tile: int = 2048,
-        num_warps: int = 4,
+        tile: int = 512,
+        num_warps: int = 1,
         search: str = "bucket",
         key_shift: int = 17,
         buckets: int = 16384,
@@ -291,7 +291,7 @@ class DequantizeBlockwiseConfig:
     """Launch parameters of the 8-bit dequantize kernel: elements per program, warps, and whether
     the code lookup goes through shared memory (``tl.gather``) or global memory (L1)."""
 
-    def __init__(self, tile: int = 8192, num_warps: int = 4, smem_lut: bool = True) -> None:
+    def __init__(self, tile: int = 1024, num_warps: int = 4, smem_lut: bool = True) -> None:
         self.tile = tile
         self.num_warps = num_warps
         self.smem_lut = smem_lut
@@ -312,8 +312,11 @@ def _is_interpreted(t: torch.Tensor) -> bool:
 # unsigned map: two, the second probed by the run-time loop), so an element costs two table reads.
 # H100 (tools/notes_quant.md): 28672x8192 312 µs vs 354 µs with 32 buckets per octave (two probes)
 # and 405 µs with 16 (three); the 16 KB bucket table stays in L1. Coarser tables only paid off
-# while the table build was a slow one-program histogram.
+# while the table build was a slow one-program histogram. 512 elements per one-warp program: 294 µs
+# vs 305 (1024, 2 warps) and 318 (2048, 4 warps) on 28672x8192, best on the smaller shapes too.
 _DEFAULT_QUANTIZE = QuantizeBlockwiseConfig()
+# H100 sweeps (two runs): 1024 elements / 4 warps 22.5-22.9 µs on 4096x4096, 242.5-243.0 µs on
+# 28672x8192 (8192 / 4 warps: 23.8 and 244.2).
 _DEFAULT_DEQUANTIZE = DequantizeBlockwiseConfig()
 
 
@@ -417,6 +420,8 @@ def quantize_blockwise(
     if config is None:
         config = _DEFAULT_QUANTIZE
     tile = max(_INTERPRETER_TILE if _is_interpreted(A) else config.tile, blocksize)
+    # a block larger than the configured tile keeps the configured elements per warp
+    num_warps = min(16, config.num_warps * max(1, tile // config.tile))
     with device_guard(A):
         mid, first, fullest = _search_tables(code, config)
         _quantize_blockwise_kernel[(-(-n // tile),)](
@@ -433,7 +438,7 @@ def quantize_blockwise(
             KEY_SHIFT=config.key_shift,
             BUCKETS=config.buckets,
             PROBES=config.probes,
-            num_warps=config.num_warps,
+            num_warps=num_warps,
         )
 
 
