@@ -230,11 +230,12 @@ def sweep_variants():
     from inductor_quant.kernels import fourbit as k4
 
     variants = []
-    for tile, warps in ((16384, 8), (8192, 4)):
-        cfg = k4.Dequantize4bitConfig(tile=tile, num_warps=warps)
+    code4 = k4.code_table("nf4", "cuda")
+    for tile, warps, smem in ((4096, 4, True), (4096, 8, True), (1024, 2, False), (16384, 8, False)):
+        cfg = k4.Dequantize4bitConfig(tile=tile, num_warps=warps, smem_lut=smem)
         variants.append(
             ("dequantize_4bit", repr(cfg), lambda c, cfg=cfg: lambda: k4.dequantize_4bit(
-                c.packed, c.absmax4, BS4, k4.code_table("nf4", "cuda"), c.out, cfg))
+                c.packed, c.absmax4, BS4, code4, c.out, cfg))
         )
     for tile, warps in ((4096, 4), (2048, 4), (4096, 8), (8192, 8)):
         cfg = k4.Quantize4bitConfig(tile=tile, num_warps=warps)
@@ -243,10 +244,11 @@ def sweep_variants():
                 c.A, BS4, "nf4", c.packed, c.absmax4, cfg))
         )
     for kw in (
-        dict(tile=2048, num_warps=4, key_shift=18, buckets=8192, probes=2),
-        dict(tile=1024, num_warps=4, key_shift=18, buckets=8192, probes=2),
-        dict(tile=4096, num_warps=8, key_shift=18, buckets=8192, probes=2),
-        dict(tile=2048, num_warps=4, key_shift=19, buckets=4096, probes=3),
+        dict(tile=512, num_warps=1),
+        dict(tile=1024, num_warps=2),
+        dict(tile=2048, num_warps=4),
+        dict(tile=512, num_warps=1, key_shift=18, buckets=8192, probes=2),
+        dict(tile=512, num_warps=1, key_shift=16, buckets=32768),
         dict(tile=2048, num_warps=4, search="bsearch"),
     ):
         cfg = k8.QuantizeBlockwiseConfig(**kw)
@@ -254,7 +256,7 @@ def sweep_variants():
             ("quantize_blockwise", repr(cfg), lambda c, cfg=cfg: lambda: k8.quantize_blockwise(
                 c.A, c.code8, BS8, c.q8, c.absmax8, cfg))
         )
-    for tile, warps, smem in ((8192, 4, True), (4096, 4, True), (8192, 4, False)):
+    for tile, warps, smem in ((1024, 4, True), (2048, 8, True), (8192, 4, True), (1024, 4, False)):
         cfg = k8.DequantizeBlockwiseConfig(tile=tile, num_warps=warps, smem_lut=smem)
         variants.append(
             ("dequantize_blockwise", repr(cfg), lambda c, cfg=cfg: lambda: k8.dequantize_blockwise(
