@@ -7,15 +7,16 @@ the lower entry (= the number of fp32 midpoints strictly below ``xn``), and dequ
 fp32 multiply ``code[q] * absmax`` rounded once to the output dtype.
 
 Nearest-code search. The map is an input (any sorted 256-entry table), so nothing about it is
-hard-coded; a small launch derives two tables from it into global memory (6-10 KB, read by every
-program of the quantize launch through L1; built on a map's first use, then cached):
+hard-coded; a small launch derives two tables from it into global memory (18 KB with the default
+16384 buckets, read by every program of the quantize launch through L1; built on a map's first
+use, then cached):
 
 * ``mid``: the 255 fp32 midpoints ``(code[i] + code[i + 1]) * 0.5``, padded with ``+inf``;
 * ``first``: a bucket table. A value's bucket is its fp32 bit pattern made order-preserving
   (``bits ^ ((bits >> 31) & 0x7FFFFFFF)``), shifted right by ``KEY_SHIFT`` and offset to the middle
   of ``[0, BUCKETS)``: a monotone function of the value, ``2**(23 - KEY_SHIFT)`` buckets per octave.
   ``first[b]`` (uint8) is the number of midpoints whose bucket is below ``b`` (counted per bucket,
-  256 buckets per program).
+  32 buckets per program).
 
 Because the bucket function is monotone, a value in bucket ``b`` lies above every midpoint of a lower
 bucket and below every midpoint of a higher one, so its code is ``first[b]`` plus the number of
@@ -148,7 +149,7 @@ def _search_tables_kernel(
     ``first[b]`` (uint8) = the number of midpoints in buckets below ``b``, counted directly (a
     ``[buckets, 256]`` comparison: no histogram, so the buckets split over many small programs that
     each load the map once). ``fullest`` (int32, zero before the launch) = the largest number of
-    midpoints in one bucket, ``first[b + 1] - first[b]``, maximized over programs by an atomic.
+    midpoints in one bucket, maximized over programs by an atomic.
     Program 0 also writes ``mid`` (512 fp32 midpoints padded with +inf)."""
     bucket_j = _bucket(_midpoints(code_ptr, tl.arange(0, CODE_ENTRIES)), KEY_SHIFT, BUCKETS)
     b = tl.program_id(0) * BUCKETS_PER_PROGRAM + tl.arange(0, BUCKETS_PER_PROGRAM)
@@ -380,7 +381,7 @@ def _split_tables(tables: torch.Tensor, config: QuantizeBlockwiseConfig) -> tupl
 def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple[torch.Tensor, ...]:
     """``(mid, first, fullest)`` for ``code`` and the bucket shape of ``config``.
 
-    Building them is a launch of its own (≈ 3 µs of GPU time on an H100, plus a launch), so they are
+    Building them costs a memset and a launch (8-13 µs on an H100 inside a CUDA graph), so they are
     cached per map (:class:`MapCache`: data pointer and version counter),
     in a buffer allocated outside any CUDA-graph pool (``to_device_constant``). While a CUDA graph
     is being captured, or for a non-contiguous map (its contiguous copy is new every call), they
@@ -408,7 +409,7 @@ def quantize_blockwise(
     """Quantize ``A`` (any float dtype, any strides) into ``out`` (uint8, A.numel() elements) and
     ``absmax`` (fp32, one per block) with the 256-entry sorted table ``code`` (fp32).
 
-    One program per tile quantizes, reading the search tables of ``code`` (6-10 KB, through L1);
+    One program per tile quantizes, reading the search tables of ``code`` (through L1);
     the tables come from :func:`_search_tables` (built by a small launch on a map's first use,
     then cached)."""
     n = A.numel()
