@@ -1,10 +1,12 @@
-"""The GEMV's machine code, compiled offline for sm_90 (``tools/kernel_sass.py``; no GPU needed).
+"""Machine code compiled offline for sm_90 (``tools/kernel_sass.py``; no GPU needed).
 
 The 4-bit GEMV is bound by instruction issue and the L1/shared-memory datapath on the H100
 (``tools/notes_gemm.md``). Its main loop must stay free of the activations' shared-memory round
 trip (they are loaded in the words' thread mapping) and near 4 instructions per weight code
 (shift, shuffle lookup, FMA, and a share of the loads) — a layout change that breaks either shows
-here, before any GPU run.
+here, before any GPU run. The 8-bit quantize and its table build must not spill registers (a
+``[256, 256]`` comparison tile in the table build did: 255 registers, ~3000 local-memory
+instructions, 2x slower on the H100; ``tools/notes_quant.md``).
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ import pytest
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "kernel_sass.py"
 
 
-@pytest.fixture(scope="module")
-def gemv_loop() -> dict:
+def sass_stats(preset: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(TOOL), "gemv", "--json"], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, str(TOOL), preset, "--json"], env=env, capture_output=True, text=True,
                             timeout=300)
     if result.returncode and "ptxas" in result.stderr.lower() and "not found" in result.stderr.lower():
         pytest.skip("this Triton wheel ships no ptxas")
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def gemv_loop() -> dict:
+    return sass_stats("gemv")
 
 
 CODES_PER_ITERATION = 32 * 4  # the preset: 4 rows per thread, one 32-code chunk of each per K-tile
@@ -44,3 +50,10 @@ def test_gemv_main_loop_has_no_activation_relayout(gemv_loop):
 def test_gemv_main_loop_is_one_shuffle_and_about_four_instructions_per_code(gemv_loop):
     assert gemv_loop["opcodes"]["SHFL"] == CODES_PER_ITERATION
     assert gemv_loop["per_code"] < 4.3, gemv_loop["opcodes"]
+
+
+@pytest.mark.parametrize("preset", ["quantize_blockwise", "search_tables"])
+def test_8bit_quantize_kernels_do_not_spill(preset):
+    stats = sass_stats(preset)
+    assert stats["instructions"] > 0
+    assert stats["local_memory_ops"] == 0, stats["opcodes"]

@@ -7,9 +7,10 @@ reports the loop's instruction mix, per weight code where the preset says how ma
 iteration handles per thread. It is how a layout change is judged before it reaches a GPU: the
 4-bit GEMV is bound by instruction issue and the L1/shared-memory datapath (``tools/notes_gemm.md``),
 so the loop's instructions per code and its shared-memory traffic (``LDS``/``STS``/``BAR``) predict
-the kernel's speed.
+the kernel's speed. Kernels without a hot loop (the 8-bit quantize and its table build) are counted
+whole; for every preset the report includes local-memory traffic (``LDL``/``STL``: register spills).
 
-    python tools/kernel_sass.py [gemv] [--arch 90] [--json]
+    python tools/kernel_sass.py [gemv|quantize_blockwise|search_tables] [--arch 90] [--json]
 
 Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the compiled kernels).
 """
@@ -35,8 +36,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 @dataclass(frozen=True)
 class Preset:
-    """One kernel configuration: argument types, constexpr values, warps, and codes per thread and
-    loop iteration (0 when the loop is not over weight codes)."""
+    """One kernel configuration: argument types, constexpr values, warps, the region counted
+    (``"loop"``: the main loop; ``"kernel"``: every instruction) and the weight codes or elements
+    each thread handles in that region (0 when it is not over codes or elements)."""
 
     kernel: str
     signature: dict[str, str]
@@ -44,6 +46,7 @@ class Preset:
     num_warps: int
     codes_per_iteration: int
     aligned: tuple[str, ...] = field(default=())
+    scope: str = "loop"
 
 
 def _gemv_preset() -> Preset:
@@ -66,7 +69,41 @@ def _gemv_preset() -> Preset:
     )
 
 
-PRESETS = {"gemv": _gemv_preset}
+def _quantize_blockwise_preset() -> Preset:
+    from inductor_quant.kernels import blockwise
+
+    config = blockwise.QuantizeBlockwiseConfig()
+    blocksize = 256
+    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32", q_ptr="*u8", absmax_ptr="*fp32")
+    return Preset(
+        kernel="inductor_quant.kernels.blockwise._quantize_blockwise_kernel",
+        signature={**pointers, "n": "i64"},
+        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, SEARCH=config.search,
+                        KEY_SHIFT=config.key_shift, BUCKETS=config.buckets, PROBES=config.probes),
+        num_warps=config.num_warps,
+        codes_per_iteration=config.tile // (32 * config.num_warps),  # elements per thread
+        aligned=(*pointers, "n"),
+        scope="kernel",
+    )
+
+
+def _search_tables_preset() -> Preset:
+    from inductor_quant.kernels import blockwise
+
+    config = blockwise.QuantizeBlockwiseConfig()
+    return Preset(
+        kernel="inductor_quant.kernels.blockwise._search_tables_kernel",
+        signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32"),
+        constexprs=dict(KEY_SHIFT=config.key_shift, BUCKETS=config.buckets,
+                        BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM),
+        num_warps=4,
+        codes_per_iteration=0,
+        aligned=("code_ptr", "mid_ptr", "first_ptr", "fullest_ptr"),
+        scope="kernel",
+    )
+
+
+PRESETS = {"gemv": _gemv_preset, "quantize_blockwise": _quantize_blockwise_preset, "search_tables": _search_tables_preset}
 
 
 @dataclass
@@ -84,6 +121,11 @@ class LoopStats:
     @property
     def shared_memory_ops(self) -> int:
         return sum(self.opcodes.get(op, 0) for op in ("LDS", "STS", "BAR", "LDSM"))
+
+    @property
+    def local_memory_ops(self) -> int:
+        """Loads and stores of thread-local memory: register spills."""
+        return sum(self.opcodes.get(op, 0) for op in ("LDL", "STL"))
 
 
 def _resolve(qualified: str):
@@ -130,8 +172,10 @@ def main_loop(sass: str) -> list[str]:
     return lines[best[0] : best[1] + 1]
 
 
-def loop_stats(sass: str, codes_per_iteration: int = 0) -> LoopStats:
-    opcodes = collections.Counter(m.group(1) for line in main_loop(sass) if (m := _INSTRUCTION.match(line)))
+def loop_stats(sass: str, codes_per_iteration: int = 0, scope: str = "loop") -> LoopStats:
+    """Instruction counts of the main loop (``scope="loop"``) or of the whole kernel (``"kernel"``)."""
+    lines = main_loop(sass) if scope == "loop" else sass.splitlines()
+    opcodes = collections.Counter(m.group(1) for line in lines if (m := _INSTRUCTION.match(line)))
     return LoopStats(sum(opcodes.values()), dict(opcodes.most_common()), codes_per_iteration)
 
 
@@ -142,14 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]()
-    stats = loop_stats(compile_preset(preset, args.arch), preset.codes_per_iteration)
+    stats = loop_stats(compile_preset(preset, args.arch), preset.codes_per_iteration, preset.scope)
     if args.json:
         print(json.dumps({"instructions": stats.instructions, "per_code": stats.per_code,
-                          "shared_memory_ops": stats.shared_memory_ops, "opcodes": stats.opcodes}))
+                          "shared_memory_ops": stats.shared_memory_ops, "local_memory_ops": stats.local_memory_ops,
+                          "opcodes": stats.opcodes}))
         return 0
-    per_code = f", {stats.per_code:.2f} per code" if stats.per_code else ""
-    print(f"{args.preset} (sm_{args.arch}): main loop {stats.instructions} instructions{per_code}, "
-          f"{stats.shared_memory_ops} shared-memory instructions")
+    per_code = f", {stats.per_code:.2f} per code (element)" if stats.per_code else ""
+    region = "main loop" if preset.scope == "loop" else "kernel"
+    print(f"{args.preset} (sm_{args.arch}): {region} {stats.instructions} instructions{per_code}, "
+          f"{stats.shared_memory_ops} shared-memory and {stats.local_memory_ops} local-memory (spill) instructions")
     print("  " + ", ".join(f"{op} {n}" for op, n in stats.opcodes.items()))
     return 0
 
