@@ -74,7 +74,8 @@ def _quantize_blockwise_preset() -> Preset:
 
     config = blockwise.QuantizeBlockwiseConfig()
     blocksize = 256
-    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32", q_ptr="*u8", absmax_ptr="*fp32")
+    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32", q_ptr="*u8",
+                    absmax_ptr="*fp32")
     return Preset(
         kernel="inductor_quant.kernels.blockwise._quantize_blockwise_kernel",
         signature={**pointers, "n": "i64"},
@@ -103,7 +104,11 @@ def _search_tables_preset() -> Preset:
     )
 
 
-PRESETS = {"gemv": _gemv_preset, "quantize_blockwise": _quantize_blockwise_preset, "search_tables": _search_tables_preset}
+PRESETS = {
+    "gemv": _gemv_preset,
+    "quantize_blockwise": _quantize_blockwise_preset,
+    "search_tables": _search_tables_preset,
+}
 
 
 @dataclass
