@@ -253,7 +253,8 @@ def _dequantize_blockwise_kernel(
 class QuantizeBlockwiseConfig:
     """Launch parameters of the 8-bit quantize kernel.
 
-    ``tile``: elements per program (rounded up to one block); ``search``: "bucket" or "bsearch";
+    ``tile``: elements per program (rounded up to one block); ``num_warps``: warps for ``tile``
+    elements (scaled up with the tile when a block is larger); ``search``: "bucket" or "bsearch";
     ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
     ``probes``: unrolled in-bucket comparisons (more run in a loop when a bucket holds more).
     """
