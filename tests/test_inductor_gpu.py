@@ -310,9 +310,10 @@ def test_first_use_inside_cudagraph_warmup():
 
 
 def test_standalone_quant_ops_call_the_kernel_and_fused_ones_are_generated():
-    """Compiled with the passes: a quantize or dequantize returned as it is calls the hand-written
-    kernel (no generated kernel); one with a pointwise neighbour (the product being quantized, a
-    multiply of the dequantized weight) becomes generated code and no op call."""
+    """Compiled with the passes: a quantize returned as it is calls the hand-written kernel (no
+    generated kernel); one with a pointwise neighbour (the product being quantized) becomes
+    generated code and no op call. A 4-bit dequantize is generated code either way (its generated
+    kernel is the faster one, ``patterns/standalone.py``)."""
     N, K = 256, 512
     x = torch.randn(N, K, device="cuda")
     packed, absmax = iq.quantize_4bit(x, 64, "nf4", torch.uint8)
@@ -335,7 +336,7 @@ def test_standalone_quant_ops_call_the_kernel_and_fused_ones_are_generated():
     cases = (
         (quantize, (x,), quantize(x), "quantize_4bit", 1, {0}),
         (quantize_doubled, (x,), quantize(x * 2), "quantize_4bit", 0, {1, 2}),
-        (dequantize, (packed, absmax), want, "dequantize_4bit", 1, {0}),
+        (dequantize, (packed, absmax), want, "dequantize_4bit", 0, {1}),
         (dequantize_doubled, (packed, absmax), want * 2, "dequantize_4bit", 0, {1}),
     )
     for fn, args, expected, op, calls, kernels in cases:

@@ -66,11 +66,12 @@ def test_standalone_ops_call_their_kernel(cpu_has_kernels):
         )
 
     source, decisions = run(fn, x, packed, absmax, codes, absmax8)
-    for op in ("dequantize_4bit", "dequantize_blockwise", "quantize_4bit", "quantize_blockwise"):
+    for op in ("dequantize_blockwise", "quantize_4bit", "quantize_blockwise"):
         assert op_calls(source, op) == 1, op
-    assert "cpp_fused" not in source
-    assert counters["inductor_quant"]["quant_op_to_kernel"] == 4
-    assert sorted(decisions.values()) == ["kernel"] * 4
+    # dequantize_4bit's generated kernel is the faster one even alone: lowered, recorded as such
+    assert op_calls(source, "dequantize_4bit") == 0 and "cpp_fused" in source
+    assert counters["inductor_quant"]["quant_op_to_kernel"] == 3
+    assert sorted(decisions.values()) == ["kernel"] * 3 + ["lowered"]
 
 
 def test_ops_with_a_fusible_neighbour_are_lowered(cpu_has_kernels):
@@ -91,25 +92,25 @@ def test_ops_with_a_fusible_neighbour_are_lowered(cpu_has_kernels):
 def test_a_matmul_consumer_is_not_fusible(cpu_has_kernels):
     """A dequantize feeding a matmul the rewrite leaves alone (an untransposed weight) is written
     to memory for the extern mm either way: the kernel writes it."""
-    _, packed, absmax, _, _ = quant_inputs()
+    _, _, _, codes, absmax8 = quant_inputs()
     activation = torch.randn(4, 64)
 
-    def fn(activation, packed, absmax):
-        return activation @ iq.dequantize_4bit(packed, absmax, 64, "nf4", [64, 128], torch.float32)
+    def fn(activation, codes, absmax8):
+        return activation @ iq.dequantize_blockwise(codes, absmax8, CODE, 256, torch.float32).view(64, 128)
 
-    source, decisions = run(fn, activation, packed, absmax)
-    assert op_calls(source, "dequantize_4bit") == 1
+    source, decisions = run(fn, activation, codes, absmax8)
+    assert op_calls(source, "dequantize_blockwise") == 1
     assert list(decisions.values()) == ["kernel"]
 
 
 def test_config_off_and_cpu_default_keep_the_lowering(cpu_has_kernels, monkeypatch):
-    _, packed, absmax, _, _ = quant_inputs()
+    _, _, _, codes, absmax8 = quant_inputs()
 
-    def fn(packed, absmax):
-        return iq.dequantize_4bit(packed, absmax, 64, "nf4", [64, 128], torch.float32)
+    def fn(codes, absmax8):
+        return iq.dequantize_blockwise(codes, absmax8, CODE, 256, torch.float32)
 
-    source, decisions = run(fn, packed, absmax, config=QuantPassConfig(standalone_kernels=False))
-    assert op_calls(source, "dequantize_4bit") == 0 and "cpp_fused" in source and not decisions
+    source, decisions = run(fn, codes, absmax8, config=QuantPassConfig(standalone_kernels=False))
+    assert op_calls(source, "dequantize_blockwise") == 0 and "cpp_fused" in source and not decisions
     monkeypatch.setattr(standalone, "KERNEL_DEVICES", ("cuda", "xpu"))
-    source, decisions = run(fn, packed, absmax)
-    assert op_calls(source, "dequantize_4bit") == 0 and "cpp_fused" in source and not decisions
+    source, decisions = run(fn, codes, absmax8)
+    assert op_calls(source, "dequantize_blockwise") == 0 and "cpp_fused" in source and not decisions

@@ -105,6 +105,10 @@ class Case:
         # Dynamo cache so that no shape hits the recompile limit (which would silently run eagerly).
         return {op: iq_compile(fn, fullgraph=True, dynamic=False, pass_config=config) for op, fn in calls.items()}
 
+    def copy_calls(self) -> dict:
+        """Per op, a copy of the bytes the op moves (:func:`_copy_of`)."""
+        return {op: _copy_of(nbytes) for op, nbytes in self.bytes.items()}
+
     def kernel_calls(self) -> dict:
         """The four launchers with preallocated outputs: the kernels without the op's Python
         dispatch, argument checks and allocation."""
@@ -118,6 +122,14 @@ class Case:
             "quantize_blockwise": lambda: k8.quantize_blockwise(self.A, self.code8, BS8, self.q8, self.absmax8),
             "dequantize_blockwise": lambda: k8.dequantize_blockwise(self.q8, self.absmax8, self.code8, BS8, self.out),
         }
+
+
+def _copy_of(nbytes: int):
+    """A device copy that reads and writes ``nbytes`` in all (half each): the bandwidth a kernel of
+    this size can reach with the same timer, launch and ramp-up included."""
+    src = torch.randint(0, 256, (nbytes // 2,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
 
 
 def bench_graph(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
@@ -139,7 +151,8 @@ def run(copy_bw: float, shapes=SHAPES) -> list[benchlib.Row]:
     op compiled alone by ``inductor_quant.compile`` and replayed from a CUDA graph
     ("inductor_quant.compiled": the pass leaves a standalone op to its kernel;
     "inductor_quant.generated": the code Inductor generates from our lowering), and bitsandbytes
-    CUDA called eagerly ("bnb")."""
+    CUDA called eagerly ("bnb"), and a copy of the bytes each op moves replayed the same way
+    ("copy (same bytes)": what the device's bandwidth is at that size with this timer)."""
     rows: list[benchlib.Row] = []
     bnb = _bnb_ops()
     for shape in shapes:
@@ -153,6 +166,7 @@ def run(copy_bw: float, shapes=SHAPES) -> list[benchlib.Row]:
         }
         if bnb is not None:
             impls["bnb"] = case.op_calls(bnb)
+        impls["copy (same bytes)"] = case.copy_calls()
         for impl, calls in impls.items():
             timer = benchlib.bench if impl in ("inductor_quant", "bnb") else bench_graph
             for op, fn in calls.items():
