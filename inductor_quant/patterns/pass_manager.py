@@ -67,7 +67,8 @@ class QuantPassConfig:
     ``functional_optimizer_updates``: auto-functionalized mutating optimizer updates ->
     the functional optimizer steps (which have fused lowerings).
     ``standalone_kernels``: quant ops with no fusible neighbour call their hand-written kernel
-    instead of becoming generated code (``patterns.standalone``; GPU only).
+    instead of becoming generated code (``patterns.standalone``; GPU only; ``dequantize_4bit``
+    stays generated code, its faster form).
     ``lowerings``: install the IR lowerings when the pass first runs.
     """
 
