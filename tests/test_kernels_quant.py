@@ -140,11 +140,11 @@ def check_dequantize_blockwise(q, absmax, code, blocksize, dtype):
     assert_same_cast(out.view, ref8.dequantize_blockwise(q, absmax, code, blocksize, torch.float32).reshape(-1))
 
 
-def check_quantize_4bit(A, blocksize, quant_type, storage=torch.uint8):
+def check_quantize_4bit(A, blocksize, quant_type, storage=torch.uint8, config=None):
     n = A.numel()
     packed = Guarded((n + 1) // (2 * storage.itemsize), storage, A.device, shape=((n + 1) // (2 * storage.itemsize), 1))
     absmax = Guarded(-(-n // blocksize), torch.float32, A.device)
-    k4.quantize_4bit(A, blocksize, quant_type, packed.view, absmax.view)
+    k4.quantize_4bit(A, blocksize, quant_type, packed.view, absmax.view, config)
     packed.check_guards()
     absmax.check_guards()
     ref_packed, ref_absmax = ref4.quantize_4bit(A, blocksize, quant_type, storage)
@@ -199,6 +199,34 @@ def test_4bit_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, quant_
     A = random_input(n, dtype, blocksize, specials, device=DEVICE)
     packed, absmax = check_quantize_4bit(A, blocksize, quant_type)
     check_dequantize_4bit(packed, absmax, blocksize, quant_type, n, out_dtype)
+
+
+QUANTIZE_4BIT_CONFIGS = [
+    k4.Quantize4bitConfig(smem_table=smem_table, bf16_pairs=bf16_pairs)
+    for smem_table in (False, True)
+    for bf16_pairs in (False, True)
+]
+
+
+@pytest.mark.parametrize("config", QUANTIZE_4BIT_CONFIGS, ids=repr)
+@pytest.mark.parametrize(
+    "dtype, offset, blocksize, quant_type",
+    [
+        (torch.bfloat16, 0, 64, "nf4"),
+        (torch.bfloat16, 0, 4096, "fp4"),
+        (torch.bfloat16, 1, 64, "nf4"),  # 2 bytes past a 4-byte boundary: no pair kernel
+        (torch.float16, 0, 128, "fp4"),
+    ],
+)
+def test_4bit_quantize_configs_match_reference(config, dtype, offset, blocksize, quant_type):
+    """Every lookup (L1 / shared memory) and both kernels (bf16 pairs on full tiles, element-wise
+    on the tail and on other inputs), on two full tiles plus a partial one with special blocks."""
+    tile = k4._tile(torch.empty(0, device=DEVICE), config.tile, blocksize)
+    n = 2 * tile + 3 * blocksize + 5
+    A = random_input(n + offset, dtype, blocksize, True, device=DEVICE)[offset:]
+    pair_tiles = 2 if config.bf16_pairs and dtype == torch.bfloat16 and offset == 0 else 0
+    assert k4.bf16_pair_tiles(A, tile, config) == pair_tiles
+    check_quantize_4bit(A, blocksize, quant_type, config=config)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

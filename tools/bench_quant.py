@@ -251,8 +251,16 @@ def sweep_variants():
             ("dequantize_4bit", repr(cfg), lambda c, cfg=cfg: lambda: k4.dequantize_4bit(
                 c.packed, c.absmax4, BS4, code4, c.out, cfg))
         )
-    for tile, warps in ((4096, 4), (2048, 4), (4096, 8), (8192, 8)):
-        cfg = k4.Quantize4bitConfig(tile=tile, num_warps=warps)
+    for kw in (
+        dict(tile=4096, num_warps=4),
+        dict(tile=8192, num_warps=8),
+        dict(tile=4096, num_warps=4, smem_table=True),
+        dict(tile=4096, num_warps=4, bf16_pairs=True),
+        dict(tile=4096, num_warps=4, smem_table=True, bf16_pairs=True),
+        dict(tile=8192, num_warps=4, bf16_pairs=True),
+        dict(tile=2048, num_warps=2, bf16_pairs=True),
+    ):
+        cfg = k4.Quantize4bitConfig(**kw)
         variants.append(
             ("quantize_4bit", repr(cfg), lambda c, cfg=cfg: lambda: k4.quantize_4bit(
                 c.A, BS4, "nf4", c.packed, c.absmax4, cfg))

@@ -10,7 +10,7 @@ so the loop's instructions per code and its shared-memory traffic (``LDS``/``STS
 the kernel's speed. Kernels without a hot loop (the 8-bit quantize and its table build) are counted
 whole; for every preset the report includes local-memory traffic (``LDL``/``STL``: register spills).
 
-    python tools/kernel_sass.py [gemv|quantize_blockwise|search_tables] [--arch 90] [--json]
+    python tools/kernel_sass.py [gemv|quantize_4bit|quantize_4bit_bf16|quantize_blockwise|search_tables] [--arch 90] [--json]
 
 Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the compiled kernels).
 """
@@ -88,6 +88,26 @@ def _quantize_blockwise_preset() -> Preset:
     )
 
 
+def _quantize_4bit_preset(bf16_pairs: bool = False) -> Preset:
+    from inductor_quant.kernels import fourbit
+
+    config = fourbit.Quantize4bitConfig()
+    blocksize = 64
+    pointers = dict(x_ptr="*bf16", table_ptr="*i64", packed_ptr="*u8", absmax_ptr="*fp32")
+    kernel, signature = "_quantize_4bit_kernel", {**pointers, "n": "i64"}
+    if bf16_pairs:
+        kernel, signature = "_quantize_4bit_bf16_kernel", pointers
+    return Preset(
+        kernel=f"inductor_quant.kernels.fourbit.{kernel}",
+        signature=signature,
+        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table),
+        num_warps=config.num_warps,
+        codes_per_iteration=config.tile // (32 * config.num_warps),  # elements per thread
+        aligned=tuple(signature),
+        scope="kernel",
+    )
+
+
 def _search_tables_preset() -> Preset:
     from inductor_quant.kernels import blockwise
 
@@ -107,6 +127,8 @@ def _search_tables_preset() -> Preset:
 PRESETS = {
     "gemv": _gemv_preset,
     "quantize_blockwise": _quantize_blockwise_preset,
+    "quantize_4bit": _quantize_4bit_preset,
+    "quantize_4bit_bf16": lambda: _quantize_4bit_preset(bf16_pairs=True),
     "search_tables": _search_tables_preset,
 }
 
