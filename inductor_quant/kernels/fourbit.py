@@ -152,15 +152,8 @@ def _bucket_table_registers(table_ptr, SMEM_TABLE: tl.constexpr):
 
 @triton.jit
 def _quantize_4bit_kernel(
-    x_ptr,
-    table_ptr,
-    packed_ptr,
-    absmax_ptr,
-    n,
-    BLOCKSIZE: tl.constexpr,
-    ROWS: tl.constexpr,
-    FP4: tl.constexpr,
-    SMEM_TABLE: tl.constexpr,
+    x_ptr, table_ptr, packed_ptr, absmax_ptr, n,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr,
 ):
     """Any float dtype, any ``n``: one ``[ROWS, BLOCKSIZE]`` tile of elements per program."""
     HALF: tl.constexpr = BLOCKSIZE // 2
@@ -184,14 +177,8 @@ def _quantize_4bit_kernel(
 
 @triton.jit
 def _quantize_4bit_bf16_kernel(
-    x_ptr,
-    table_ptr,
-    packed_ptr,
-    absmax_ptr,
-    BLOCKSIZE: tl.constexpr,
-    ROWS: tl.constexpr,
-    FP4: tl.constexpr,
-    SMEM_TABLE: tl.constexpr,
+    x_ptr, table_ptr, packed_ptr, absmax_ptr,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr,
 ):
     """bf16, full tiles only (the launcher sends the rest to ``_quantize_4bit_kernel``), ``x_ptr``
     4-byte aligned: word ``i`` of the tile holds element ``2i`` in its low half and ``2i + 1`` in
