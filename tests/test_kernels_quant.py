@@ -297,6 +297,16 @@ def test_8bit_search_tables_equal_a_bucket_count(config):
         assert fullest.item() == torch.bincount(bucket).max().item()
 
 
+@pytest.mark.parametrize(
+    "config_class",
+    [k8.QuantizeBlockwiseConfig, k8.DequantizeBlockwiseConfig, k4.Quantize4bitConfig, k4.Dequantize4bitConfig],
+)
+@pytest.mark.parametrize("kwargs, name", [(dict(tile=3000), "tile"), (dict(tile=0), "tile"), (dict(num_warps=3), "num_warps")])
+def test_kernel_configs_reject_launch_shapes_triton_cannot_compile(config_class, kwargs, name):
+    with pytest.raises(ValueError, match=f"{name} must be a positive power of two"):
+        config_class(**kwargs)
+
+
 def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
     with pytest.raises(ValueError, match="buckets must be a power of two, got 12000"):
         k8.QuantizeBlockwiseConfig(buckets=12000)

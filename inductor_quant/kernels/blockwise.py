@@ -250,6 +250,14 @@ def _dequantize_blockwise_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def check_launch_shape(tile: int, num_warps: int) -> None:
+    """Kernel configs take powers of two for the elements per program (Triton's ``tl.arange``) and
+    the warps (a bad value would otherwise fail inside the kernel's compilation)."""
+    for name, value in (("tile", tile), ("num_warps", num_warps)):
+        if not (isinstance(value, int) and value > 0 and value & (value - 1) == 0):
+            raise ValueError(f"{name} must be a positive power of two, got {value!r}")
+
+
 class QuantizeBlockwiseConfig:
     """Launch parameters of the 8-bit quantize kernel.
 
@@ -268,6 +276,7 @@ class QuantizeBlockwiseConfig:
         buckets: int = 16384,
         probes: int = 1,
     ) -> None:
+        check_launch_shape(tile, num_warps)
         if search not in ("bucket", "bsearch"):
             raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
         if buckets & (buckets - 1):
@@ -294,6 +303,7 @@ class DequantizeBlockwiseConfig:
     the code lookup goes through shared memory (``tl.gather``) or global memory (L1)."""
 
     def __init__(self, tile: int = 1024, num_warps: int = 4, smem_lut: bool = True) -> None:
+        check_launch_shape(tile, num_warps)
         self.tile = tile
         self.num_warps = num_warps
         self.smem_lut = smem_lut

@@ -38,7 +38,14 @@ import triton.language as tl
 
 from ..code_tables import FP4_RANK_TO_CODE, FP4_THRESHOLDS, code_midpoints, get_4bit_code
 from ._constants import to_device_constant
-from .blockwise import block_absmax, device_guard, load_tile, normalize_blocks_split, store_tile
+from .blockwise import (
+    block_absmax,
+    check_launch_shape,
+    device_guard,
+    load_tile,
+    normalize_blocks_split,
+    store_tile,
+)
 
 __all__ = [
     "BUCKETS",
@@ -247,6 +254,7 @@ class Quantize4bitConfig:
     tiles of bf16 input are read as element pairs (``_quantize_4bit_bf16_kernel``)."""
 
     def __init__(self, tile: int = 4096, num_warps: int = 4, smem_table: bool = False, bf16_pairs: bool = False) -> None:
+        check_launch_shape(tile, num_warps)
         self.tile = tile
         self.num_warps = num_warps
         self.smem_table = smem_table
@@ -262,6 +270,7 @@ class Dequantize4bitConfig:
     whether the 16-entry code lookup goes through shared memory (``tl.gather``) or L1."""
 
     def __init__(self, tile: int = 4096, num_warps: int = 4, smem_lut: bool = True) -> None:
+        check_launch_shape(tile, num_warps)
         self.tile = tile
         self.num_warps = num_warps
         self.smem_lut = smem_lut
