@@ -118,9 +118,9 @@ def code_table(quant_type: str, device: torch.device | str) -> torch.Tensor:
 
 @triton.jit
 def _codes(xn, table_ptr, table, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr):
-    """4-bit codes of normalized values ``xn`` (``|xn| <= 1.9375``) by one bucket-table lookup;
-    ``table`` is the table loaded into registers when ``SMEM_TABLE`` (the gather reads it from
-    shared memory), otherwise unused."""
+    """4-bit codes of normalized values ``xn`` (``|xn| <= 1.9375``) by one bucket-table lookup:
+    with ``SMEM_TABLE`` a gather from ``table`` (the whole table as a register tensor, which Triton
+    stages in shared memory), otherwise a load from ``table_ptr`` (L1)."""
     if FP4:
         v = tl.abs(xn)
     else:
@@ -149,15 +149,6 @@ def _into_table_range(xn, special):
 
 
 @triton.jit
-def _bucket_table_registers(table_ptr, SMEM_TABLE: tl.constexpr):
-    """The whole bucket table as a register tensor for ``_codes``' shared-memory gather (``0`` when
-    the lookup reads L1)."""
-    if SMEM_TABLE:
-        return tl.load(table_ptr + tl.arange(0, 64))
-    return 0
-
-
-@triton.jit
 def _quantize_4bit_kernel(
     x_ptr, table_ptr, packed_ptr, absmax_ptr, n,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr,
@@ -175,7 +166,8 @@ def _quantize_4bit_kernel(
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     xn, special = normalize_blocks_split(x, absmax)
     xn = _into_table_range(xn, special)
-    q = _codes(xn, table_ptr, _bucket_table_registers(table_ptr, SMEM_TABLE), FP4, SMEM_TABLE)
+    table = tl.load(table_ptr + tl.arange(0, 64))  # used by the shared-memory gather only (else eliminated)
+    q = _codes(xn, table_ptr, table, FP4, SMEM_TABLE)
     hi, lo = tl.split(tl.reshape(q, [ROWS, HALF, 2]))
     packed = ((hi << 4) | lo).to(tl.uint8)
     byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
@@ -203,7 +195,7 @@ def _quantize_4bit_bf16_kernel(
     tl.store(absmax_ptr + tile * ROWS + rows, absmax)
     even, special = normalize_blocks_split(even_bits.to(tl.float32, bitcast=True), absmax)
     odd, _ = normalize_blocks_split(odd_bits.to(tl.float32, bitcast=True), absmax)
-    table = _bucket_table_registers(table_ptr, SMEM_TABLE)
+    table = tl.load(table_ptr + tl.arange(0, 64))  # used by the shared-memory gather only (else eliminated)
     q_even = _codes(_into_table_range(even, special), table_ptr, table, FP4, SMEM_TABLE)
     q_odd = _codes(_into_table_range(odd, special), table_ptr, table, FP4, SMEM_TABLE)
     tl.store(packed_ptr + tile * (TILE // 2) + word_offs, ((q_even << 4) | q_odd).to(tl.uint8))
