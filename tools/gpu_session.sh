@@ -3,7 +3,8 @@
 # Usage on the device machine (repo root): bash tools/gpu_session.sh OUT_DIR [STAGE ...]
 # Stages (default: all, in this order): bench_kernels inductor_gpu_tests kernel_gpu_tests
 # bench_optim_e2e bench_decode. Each stage has its own time limit so one slow stage cannot
-# starve the others; DECODE_LAYERS (default 8) sets the decode benchmark's depth.
+# starve the others; DECODE_LAYERS (default 8) sets the decode benchmark's depth. Named only:
+# quant_sweep (the quantize/dequantize launch-configuration variants, checked then timed).
 set -u
 out="${1:-${OUT:-/tmp/out}}"
 shift || true
@@ -23,5 +24,6 @@ stage() {  # stage NAME SECONDS CMD...
 stage bench_kernels 300 python3 tools/bench_kernels.py --json "$out/bench_kernels.json"
 stage inductor_gpu_tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_inductor_gpu.py
 stage kernel_gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py tests/test_kernels_optim.py tests/test_kernels_gemm.py -k "(gpu or capture or device_scalars or inplace_step) and not 2_31"
+stage quant_sweep 300 bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py -k configs && python3 tools/bench_quant.py --check --sweep"
 stage bench_optim_e2e 120 python3 tools/bench_e2e.py --skip-decode --json "$out/bench_optim_e2e.json"
 stage bench_decode 420 python3 tools/bench_e2e.py --skip-optim --layers "${DECODE_LAYERS:-8}" --steps 32 --kernels --json "$out/bench_decode.json"
