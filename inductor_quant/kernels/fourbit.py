@@ -40,6 +40,7 @@ from ..code_tables import FP4_RANK_TO_CODE, FP4_THRESHOLDS, code_midpoints, get_
 from ._constants import to_device_constant
 from .blockwise import (
     block_absmax,
+    block_absmax_of_bits,
     check_launch_shape,
     device_guard,
     load_tile,
@@ -190,8 +191,7 @@ def _quantize_4bit_bf16_kernel(
     words = tl.load(x_ptr.to(tl.pointer_type(tl.uint32)) + tile * (TILE // 2) + word_offs)
     even_bits = words << 16
     odd_bits = words & 0xFFFF0000
-    # block absmax over the bit patterns of |x| (NaN > Inf > finite, as block_absmax)
-    absmax = tl.max(tl.maximum(even_bits & 0x7FFFFFFF, odd_bits & 0x7FFFFFFF), 1).to(tl.float32, bitcast=True)
+    absmax = block_absmax_of_bits(tl.maximum(even_bits & 0x7FFFFFFF, odd_bits & 0x7FFFFFFF))
     tl.store(absmax_ptr + tile * ROWS + rows, absmax)
     even, special = normalize_blocks_split(even_bits.to(tl.float32, bitcast=True), absmax)
     odd, _ = normalize_blocks_split(odd_bits.to(tl.float32, bitcast=True), absmax)
