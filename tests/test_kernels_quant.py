@@ -39,6 +39,9 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:overflow encountered:RuntimeWarning",
 )
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# Two full tiles of the 8-bit quantize launch under the interpreter (many on a GPU): a tile with a
+# partial or special block takes the kernel's slow branch, so the fast one needs full tiles.
+FULL_8BIT_TILES = 2 * k8._INTERPRETER_TILE
 SETTINGS = settings(max_examples=6 if HAS_CUDA else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -202,9 +205,7 @@ def test_4bit_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, quant_
 
 
 QUANTIZE_4BIT_CONFIGS = [
-    k4.Quantize4bitConfig(smem_table=smem_table, bf16_pairs=bf16_pairs)
-    for smem_table in (False, True)
-    for bf16_pairs in (False, True)
+    k4.Quantize4bitConfig(smem_table=smem_table) for smem_table in (False, True)
 ]
 
 
@@ -214,18 +215,16 @@ QUANTIZE_4BIT_CONFIGS = [
     [
         (torch.bfloat16, 0, 64, "nf4"),
         (torch.bfloat16, 0, 4096, "fp4"),
-        (torch.bfloat16, 1, 64, "nf4"),  # 2 bytes past a 4-byte boundary: no pair kernel
+        (torch.bfloat16, 1, 64, "nf4"),  # 2 bytes past a 4-byte boundary
         (torch.float16, 0, 128, "fp4"),
     ],
 )
 def test_4bit_quantize_configs_match_reference(config, dtype, offset, blocksize, quant_type):
-    """Every lookup (L1 / shared memory) and both kernels (bf16 pairs on full tiles, element-wise
-    on the tail and on other inputs), on two full tiles plus a partial one with special blocks."""
+    """Both table lookups (shared memory / L1) on two full tiles (the fast path) plus a partial one
+    with special blocks."""
     tile = k4._tile(torch.empty(0, device=DEVICE), config.tile, blocksize)
     n = 2 * tile + 3 * blocksize + 5
     A = random_input(n + offset, dtype, blocksize, True, device=DEVICE)[offset:]
-    pair_tiles = 2 if config.bf16_pairs and dtype == torch.bfloat16 and offset == 0 else 0
-    assert k4.bf16_pair_tiles(A, tile, config) == pair_tiles
     check_quantize_4bit(A, blocksize, quant_type, config=config)
 
 
@@ -267,7 +266,9 @@ def test_blockwise_arbitrary_tables(search):
     repeated = torch.sort(torch.cat([torch.full((100,), -0.0), torch.full((56,), 0.0), torch.randn(100).tanh()]))[0]
     uniform = torch.linspace(-1, 1, 256)
     for code in (crowded, repeated, uniform):
-        A = torch.cat([torch.randn(30_000), 0.5 + 0.01 * torch.rand(10_000), torch.zeros(64), -torch.zeros(64)])
+        half = FULL_8BIT_TILES // 2
+        full_tiles = torch.cat([torch.randn(half), 0.5 + 0.01 * torch.rand(half)])
+        A = torch.cat([full_tiles, torch.randn(3000), torch.zeros(64), -torch.zeros(64)])
         check_quantize_blockwise(A.to(DEVICE), code.to(DEVICE), 256, k8.QuantizeBlockwiseConfig(search=search))
 
 
@@ -314,15 +315,20 @@ def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
         k8.QuantizeBlockwiseConfig(key_shift=17, buckets=8192)
 
 
-def test_blockwise_exact_codes_and_midpoints():
-    """Every code value maps to itself; every exact midpoint maps to the lower code."""
+@pytest.mark.parametrize("search", ["bucket", "bsearch"])
+def test_blockwise_exact_codes_and_midpoints(search):
+    """Every code value maps to itself; every exact midpoint maps to the lower code, its next fp32
+    value above to the upper one; on full tiles (the kernel's fast path) and a partial one."""
     code = dynamic_map(device=DEVICE)
     mids = code_midpoints(code)
-    A = torch.stack([torch.cat([code, mids]), torch.ones(511, device=DEVICE)], 1).reshape(-1)  # absmax 1
-    q, _ = check_quantize_blockwise(A, code, 32)
-    q = q.view(-1, 2)[:, 0].long()
-    assert torch.equal(q[:256].cpu(), torch.arange(256))
-    assert torch.equal(q[256:].cpu(), torch.arange(255))
+    values = torch.cat([code, mids, torch.nextafter(mids, torch.tensor(2.0, device=DEVICE))])
+    pattern = torch.stack([values, torch.ones_like(values)], 1).reshape(-1)  # absmax 1
+    A = pattern.repeat(-(-FULL_8BIT_TILES // pattern.numel()) + 1)  # full tiles, then a partial one
+    q, _ = check_quantize_blockwise(A, code, 32, k8.QuantizeBlockwiseConfig(search=search))
+    q = q.view(-1, values.numel(), 2)[..., 0].long().cpu()
+    assert torch.equal(q[:, :256], torch.arange(256).expand(q.shape[0], -1))
+    assert torch.equal(q[:, 256:511], torch.arange(255).expand(q.shape[0], -1))
+    assert torch.equal(q[:, 511:], torch.arange(1, 256).expand(q.shape[0], -1))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

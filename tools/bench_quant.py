@@ -254,11 +254,8 @@ def sweep_variants():
     for kw in (
         dict(tile=4096, num_warps=4),
         dict(tile=8192, num_warps=8),
-        dict(tile=4096, num_warps=4, smem_table=True),
-        dict(tile=4096, num_warps=4, bf16_pairs=True),
-        dict(tile=4096, num_warps=4, smem_table=True, bf16_pairs=True),
-        dict(tile=8192, num_warps=4, bf16_pairs=True),
-        dict(tile=2048, num_warps=2, bf16_pairs=True),
+        dict(tile=2048, num_warps=2),
+        dict(tile=4096, num_warps=4, smem_table=False),
     ):
         cfg = k4.Quantize4bitConfig(**kw)
         variants.append(

@@ -24,6 +24,6 @@ stage() {  # stage NAME SECONDS CMD...
 stage bench_kernels 300 python3 tools/bench_kernels.py --json "$out/bench_kernels.json"
 stage inductor_gpu_tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_inductor_gpu.py
 stage kernel_gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py tests/test_kernels_optim.py tests/test_kernels_gemm.py -k "(gpu or capture or device_scalars or inplace_step) and not 2_31"
-stage quant_sweep 300 bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py -k configs && python3 tools/bench_quant.py --check --sweep"
+stage quant_sweep 420 bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py -k 'configs or search or exact_codes or arbitrary' && python3 tools/bench_quant.py --check --sweep --json $out/quant_sweep.json"
 stage bench_optim_e2e 120 python3 tools/bench_e2e.py --skip-decode --json "$out/bench_optim_e2e.json"
 stage bench_decode 420 python3 tools/bench_e2e.py --skip-optim --layers "${DECODE_LAYERS:-8}" --steps 32 --kernels --json "$out/bench_decode.json"

@@ -10,7 +10,7 @@ so the loop's instructions per code and its shared-memory traffic (``LDS``/``STS
 the kernel's speed. Kernels without a hot loop (the 8-bit quantize and its table build) are counted
 whole; for every preset the report includes local-memory traffic (``LDL``/``STL``: register spills).
 
-    python tools/kernel_sass.py [gemv|quantize_4bit[_bf16][_smem]|quantize_blockwise|search_tables] [--arch 90] [--json]
+    python tools/kernel_sass.py [gemv|quantize_4bit[_l1]|quantize_blockwise|search_tables] [--arch 90] [--json]
 
 Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the compiled kernels).
 """
@@ -88,17 +88,15 @@ def _quantize_blockwise_preset() -> Preset:
     )
 
 
-def _quantize_4bit_preset(bf16_pairs: bool = False, smem_table: bool = False) -> Preset:
+def _quantize_4bit_preset(smem_table: bool = True) -> Preset:
     from inductor_quant.kernels import fourbit
 
     config = fourbit.Quantize4bitConfig(smem_table=smem_table)
     blocksize = 64
     pointers = dict(x_ptr="*bf16", table_ptr="*i64", packed_ptr="*u8", absmax_ptr="*fp32")
-    kernel, signature = "_quantize_4bit_kernel", {**pointers, "n": "i64"}
-    if bf16_pairs:
-        kernel, signature = "_quantize_4bit_bf16_kernel", pointers
+    signature = {**pointers, "n": "i64"}
     return Preset(
-        kernel=f"inductor_quant.kernels.fourbit.{kernel}",
+        kernel="inductor_quant.kernels.fourbit._quantize_4bit_kernel",
         signature=signature,
         constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table),
         num_warps=config.num_warps,
@@ -128,9 +126,7 @@ PRESETS = {
     "gemv": _gemv_preset,
     "quantize_blockwise": _quantize_blockwise_preset,
     "quantize_4bit": _quantize_4bit_preset,
-    "quantize_4bit_smem": lambda: _quantize_4bit_preset(smem_table=True),
-    "quantize_4bit_bf16": lambda: _quantize_4bit_preset(bf16_pairs=True),
-    "quantize_4bit_bf16_smem": lambda: _quantize_4bit_preset(bf16_pairs=True, smem_table=True),
+    "quantize_4bit_l1": lambda: _quantize_4bit_preset(smem_table=False),
     "search_tables": _search_tables_preset,
 }
 

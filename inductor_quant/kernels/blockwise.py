@@ -45,7 +45,6 @@ from ._constants import MapCache, to_device_constant
 
 __all__ = [
     "block_absmax",
-    "block_absmax_of_bits",
     "normalize_blocks_split",
     "load_tile",
     "store_tile",
@@ -65,17 +64,12 @@ CODE_ENTRIES = tl.constexpr(256)
 
 @triton.jit
 def block_absmax(x):
-    """fp32 ``max |x|`` of each row of a ``[ROWS, BLOCKSIZE]`` fp32 tile; NaN propagates."""
-    return block_absmax_of_bits(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    """fp32 ``max |x|`` of each row of a ``[ROWS, BLOCKSIZE]`` fp32 tile; NaN propagates.
 
-
-@triton.jit
-def block_absmax_of_bits(abs_bits):
-    """fp32 ``max |x|`` of each row, given the fp32 bit patterns of ``|x|`` (sign bit cleared).
-
-    The maximum is taken over those bit patterns as integers, where NaN > Inf > finite: ``tl.max``
-    on floats drops NaN (``max.f32`` on the GPU, ``nanmax`` in the interpreter)."""
-    return tl.max(abs_bits, 1).to(tl.float32, bitcast=True)
+    The maximum is taken over the bit patterns of ``|x|`` as int32, where NaN > Inf > finite:
+    ``tl.max`` on floats drops NaN (``max.f32`` on the GPU, ``nanmax`` in the interpreter)."""
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.max(bits, 1).to(tl.float32, bitcast=True)
 
 
 @triton.jit

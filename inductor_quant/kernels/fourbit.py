@@ -16,16 +16,11 @@ bucket edge may take either bucket; both give the same code (every threshold of 
 is below it, none of the upper one is). One 64-entry table gives per bucket that threshold (or
 +inf) and the codes below and above it, in one 8-byte word: ``q = v > thr[b] ? above[b] :
 below[b]``, one lookup instead of four dependent comparisons. The table is built on the host from
-``code_tables`` (:func:`bucket_table`) with the same arithmetic, and read through L1 or, with
-``Quantize4bitConfig(smem_table=True)``, from shared memory. ``|xn| <= 1 + 2**-22`` except in
-blocks with a zero, non-finite or tiny absmax; only tiles holding such a block pay for the NaN fix
-and a clamp.
-
-bf16 inputs (``Quantize4bitConfig(bf16_pairs=True)``): full tiles are read as 32-bit words, each the
-two elements of one output byte; shifting and masking a word gives both as fp32 (exact), with no
-unpacking and no interleave — a fifth fewer instructions per element (``tools/kernel_sass.py
-quantize_4bit_bf16``). A partial last tile, other dtypes and inputs not 4-byte aligned take the
-element-wise kernel.
+``code_tables`` (:func:`bucket_table`) with the same arithmetic, and read from shared memory
+(default) or, with ``Quantize4bitConfig(smem_table=False)``, through L1: the L1 lookup costs a
+quarter of the throughput on an H100 (``tools/notes_quant.md``, Run 7). ``|xn| <= 1 + 2**-22``
+except in blocks with a zero, non-finite or tiny absmax; only tiles holding such a block pay for
+the NaN fix and a clamp.
 """
 
 from __future__ import annotations
@@ -40,7 +35,6 @@ from ..code_tables import FP4_RANK_TO_CODE, FP4_THRESHOLDS, code_midpoints, get_
 from ._constants import to_device_constant
 from .blockwise import (
     block_absmax,
-    block_absmax_of_bits,
     check_launch_shape,
     device_guard,
     load_tile,
@@ -50,7 +44,6 @@ from .blockwise import (
 
 __all__ = [
     "BUCKETS",
-    "bf16_pair_tiles",
     "bucket_of",
     "bucket_table",
     "code_table",
@@ -176,32 +169,6 @@ def _quantize_4bit_kernel(
 
 
 @triton.jit
-def _quantize_4bit_bf16_kernel(
-    x_ptr, table_ptr, packed_ptr, absmax_ptr,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr,
-):
-    """bf16, full tiles only (the launcher sends the rest to ``_quantize_4bit_kernel``), ``x_ptr``
-    4-byte aligned: word ``i`` of the tile holds element ``2i`` in its low half and ``2i + 1`` in
-    its high half, the high and low nibble of packed byte ``i``."""
-    HALF: tl.constexpr = BLOCKSIZE // 2
-    TILE: tl.constexpr = ROWS * BLOCKSIZE
-    tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
-    rows = tl.arange(0, ROWS)
-    word_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    words = tl.load(x_ptr.to(tl.pointer_type(tl.uint32)) + tile * (TILE // 2) + word_offs)
-    even_bits = words << 16
-    odd_bits = words & 0xFFFF0000
-    absmax = block_absmax_of_bits(tl.maximum(even_bits & 0x7FFFFFFF, odd_bits & 0x7FFFFFFF))
-    tl.store(absmax_ptr + tile * ROWS + rows, absmax)
-    even, special = normalize_blocks_split(even_bits.to(tl.float32, bitcast=True), absmax)
-    odd, _ = normalize_blocks_split(odd_bits.to(tl.float32, bitcast=True), absmax)
-    table = tl.load(table_ptr + tl.arange(0, 64))  # used by the shared-memory gather only (else eliminated)
-    q_even = _codes(_into_table_range(even, special), table_ptr, table, FP4, SMEM_TABLE)
-    q_odd = _codes(_into_table_range(odd, special), table_ptr, table, FP4, SMEM_TABLE)
-    tl.store(packed_ptr + tile * (TILE // 2) + word_offs, ((q_even << 4) | q_odd).to(tl.uint8))
-
-
-@triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr,
     absmax_ptr,
@@ -241,20 +208,17 @@ def _dequantize_4bit_kernel(
 
 
 class Quantize4bitConfig:
-    """Launch parameters of the 4-bit quantize kernels: input elements per program, warps, whether
-    the bucket table is read from shared memory (``tl.gather``) instead of L1, and whether full
-    tiles of bf16 input are read as element pairs (``_quantize_4bit_bf16_kernel``)."""
+    """Launch parameters of the 4-bit quantize kernel: input elements per program, warps, and
+    whether the bucket table is read from shared memory (``tl.gather``) or through L1."""
 
-    def __init__(self, tile: int = 4096, num_warps: int = 4, smem_table: bool = False, bf16_pairs: bool = False) -> None:
+    def __init__(self, tile: int = 4096, num_warps: int = 4, smem_table: bool = True) -> None:
         check_launch_shape(tile, num_warps)
         self.tile = tile
         self.num_warps = num_warps
         self.smem_table = smem_table
-        self.bf16_pairs = bf16_pairs
 
     def __repr__(self) -> str:
-        return (f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table}, "
-                f"bf16_pairs={self.bf16_pairs})")
+        return f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table})"
 
 
 class Dequantize4bitConfig:
@@ -271,6 +235,9 @@ class Dequantize4bitConfig:
         return f"Dequantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_lut={self.smem_lut})"
 
 
+# H100 sweep (tools/notes_quant.md, Run 7): the table in shared memory 215.4 µs on 28672x8192 and
+# 24.3 µs on 4096x4096, through L1 292.7 and 29.0; reading bf16 tiles as element pairs (fewer
+# instructions, more registers) 223.7 / 24.7 with the shared-memory table and was removed.
 _DEFAULT_QUANTIZE = Quantize4bitConfig()
 # H100 sweeps (two runs, tools/notes_quant.md): 4096 elements / 4 warps with the table in shared
 # memory 20.1-20.3 µs on 4096x4096 and 209.4-209.6 µs on 28672x8192 (16384 / 8 warps / L1: 21.2
@@ -320,32 +287,19 @@ def quantize_4bit(
     config = config or _DEFAULT_QUANTIZE
     tile = _tile(A, config.tile, blocksize)
     table, _ = _device_tables(quant_type, A.device)
-    flags = dict(BLOCKSIZE=blocksize, ROWS=tile // blocksize, FP4=quant_type == "fp4", SMEM_TABLE=config.smem_table)
-    pair_tiles = bf16_pair_tiles(A, tile, config)
     with device_guard(A):
-        if pair_tiles:
-            _quantize_4bit_bf16_kernel[(pair_tiles,)](
-                A, table, out_bytes, absmax, **flags, num_warps=config.num_warps
-            )
-        done = pair_tiles * tile
-        if done < n:
-            _quantize_4bit_kernel[(-(-(n - done) // tile),)](
-                A.reshape(-1)[done:],
-                table,
-                out_bytes[done // 2 :],
-                absmax[done // blocksize :],
-                n - done,
-                **flags,
-                num_warps=config.num_warps,
-            )
-
-
-def bf16_pair_tiles(A: torch.Tensor, tile: int, config: Quantize4bitConfig) -> int:
-    """How many leading tiles of the contiguous ``A`` the bf16 pair kernel quantizes: its full
-    tiles when ``config.bf16_pairs`` asks for it, ``A`` is bf16 and 4-byte aligned, else none."""
-    if not (config.bf16_pairs and A.dtype == torch.bfloat16 and A.data_ptr() % 4 == 0):
-        return 0
-    return A.numel() // tile
+        _quantize_4bit_kernel[(-(-n // tile),)](
+            A,
+            table,
+            out_bytes,
+            absmax,
+            n,
+            BLOCKSIZE=blocksize,
+            ROWS=tile // blocksize,
+            FP4=quant_type == "fp4",
+            SMEM_TABLE=config.smem_table,
+            num_warps=config.num_warps,
+        )
 
 
 def dequantize_4bit(
