@@ -262,12 +262,15 @@ def test_mutating_8bit_update_is_left_to_the_handwritten_kernel_on_gpu():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_lowered_quant_ops_match_the_reference_on_gpu():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowered_quant_ops_match_the_reference_on_gpu(dtype):
     """Inductor-generated Triton for the lowered ops: dequantize bit-exact with the reference,
-    quantize codes bit-exact (no fp contraction in the normalize step: one multiply)."""
+    quantize codes bit-exact (no fp contraction in the normalize step: one multiply, and an IEEE
+    reciprocal: bf16 inputs land exactly on 8-bit midpoints often enough that an approximate one
+    moves ~0.1 % of the codes)."""
     register_lowerings()
     code = dynamic_map(device="cuda")
-    x = torch.randn(1000, 300, device="cuda")
+    x = torch.randn(1000, 300, device="cuda").to(dtype)
     x[3] = 0.0
 
     def fn(x):
