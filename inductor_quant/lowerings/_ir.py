@@ -17,12 +17,14 @@ import sympy
 import torch
 from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
+from torch._inductor.ops_handler import OpsHandler
 from torch._inductor.virtualized import V, ops
 from torch.utils._sympy.functions import CeilDiv, FloorDiv
 
 from ..patterns.standalone import STANDALONE_KEY
 
 aten = torch.ops.aten
+_HAS_DIV_RN = hasattr(OpsHandler, "div_rn")
 
 Loader = Callable[[sympy.Expr], Any]
 Index = Sequence[sympy.Expr]
@@ -178,8 +180,11 @@ def normalize(x: Any, absmax: Any) -> Any:
     The reciprocal is rounded to nearest (``ops.div_rn``, ``tl.div_rn`` in Triton), as the kernels
     and the reference compute it: Inductor's Triton ``reciprocal`` and ``/`` are approximate
     divisions on NVIDIA GPUs (``div.full.f32``), and bf16 inputs land exactly on an 8-bit
-    midpoint often enough that the approximation moved ~0.1 % of the codes (H100)."""
-    scaled = ops.mul(x, ops.div_rn(ops.constant(1.0, torch.float32), absmax))
+    midpoint often enough that the approximation moved ~0.1 % of the codes (H100). An Inductor
+    without the ``div_rn`` op keeps ``reciprocal``."""
+    one = ops.constant(1.0, torch.float32)
+    inverse = ops.div_rn(one, absmax) if _HAS_DIV_RN else ops.reciprocal(absmax)
+    scaled = ops.mul(x, inverse)
     return ops.where(ops.isnan(scaled), ops.constant(0.0, torch.float32), scaled)
 
 
