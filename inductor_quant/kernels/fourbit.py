@@ -17,10 +17,10 @@ is below it, none of the upper one is). One 64-entry table gives per bucket that
 +inf) and the codes below and above it, in one 8-byte word: ``q = v > thr[b] ? above[b] :
 below[b]``, one lookup instead of four dependent comparisons. The table is built on the host from
 ``code_tables`` (:func:`bucket_table`) with the same arithmetic, and read from shared memory
-(default) or, with ``Quantize4bitConfig(smem_table=False)``, through L1: the L1 lookup costs a
-quarter of the throughput on an H100 (``tools/notes_quant.md``, Run 7). ``|xn| <= 1 + 2**-22``
-except in blocks with a zero, non-finite or tiny absmax; only tiles holding such a block pay for
-the NaN fix and a clamp.
+(default) or, with ``Quantize4bitConfig(smem_table=False)``, through L1, which made the kernel
+26 % slower on an H100 (``tools/notes_quant.md``, Run 7). ``|xn| <= 1 + 2**-22`` except in blocks
+with a zero, non-finite or tiny absmax; only tiles holding such a block pay for the NaN fix and a
+clamp.
 """
 
 from __future__ import annotations
