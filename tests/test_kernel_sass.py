@@ -54,7 +54,7 @@ def test_gemv_main_loop_is_one_shuffle_and_about_four_instructions_per_code(gemv
     assert gemv_loop["per_code"] < 4.3, gemv_loop["opcodes"]
 
 
-@pytest.mark.parametrize("preset", ["quantize_blockwise", "quantize_blockwise_smem", "search_tables"])
+@pytest.mark.parametrize("preset", ["quantize_blockwise", "search_tables"])
 def test_8bit_quantize_kernels_do_not_spill(preset):
     stats = sass_stats(preset)
     assert stats["instructions"] > 0

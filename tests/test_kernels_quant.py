@@ -42,12 +42,6 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Two full tiles of the 8-bit quantize launch under the interpreter (many on a GPU): a tile with a
 # partial or special block takes the kernel's slow branch, so the fast one needs full tiles.
 FULL_8BIT_TILES = 2 * k8._INTERPRETER_TILE
-# the 8-bit searches: tables through L1 (default), gathered from shared memory, binary search
-SEARCH_CONFIGS = {
-    "bucket": k8.QuantizeBlockwiseConfig(),
-    "smem": k8.QuantizeBlockwiseConfig(tile=2048, num_warps=4, search="smem", buckets=4096),
-    "bsearch": k8.QuantizeBlockwiseConfig(search="bsearch"),
-}
 SETTINGS = settings(max_examples=6 if HAS_CUDA else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -186,7 +180,7 @@ ROUNDTRIP = dict(  # the inputs both round-trip tests draw
 @given(
     **ROUNDTRIP,
     signed=st.booleans(),
-    search=st.sampled_from(tuple(SEARCH_CONFIGS)),
+    search=st.sampled_from(("bucket", "bsearch")),
     specials=st.booleans(),
 )
 def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, signed, search, specials):
@@ -194,7 +188,7 @@ def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, s
     A = random_input(n, dtype, blocksize, specials, device=DEVICE)
     if not signed:
         A = A.abs()
-    q, absmax = check_quantize_blockwise(A, code, blocksize, SEARCH_CONFIGS[search])
+    q, absmax = check_quantize_blockwise(A, code, blocksize, k8.QuantizeBlockwiseConfig(search=search))
     check_dequantize_blockwise(q, absmax, code, blocksize, out_dtype)
 
 
@@ -263,7 +257,7 @@ def test_4bit_bucket_table_equals_threshold_count(quant_type):
     assert torch.equal(q.long(), ref4.quantize_4bit_codes(values, quant_type))
 
 
-@pytest.mark.parametrize("search", SEARCH_CONFIGS)
+@pytest.mark.parametrize("search", ["bucket", "bsearch"])
 def test_blockwise_arbitrary_tables(search):
     """Any sorted 256-entry table: one whose midpoints crowd into a single bucket (the run-time
     probe loop), one with repeated entries and signed zeros, and a uniform one."""
@@ -275,14 +269,13 @@ def test_blockwise_arbitrary_tables(search):
         half = FULL_8BIT_TILES // 2
         full_tiles = torch.cat([torch.randn(half), 0.5 + 0.01 * torch.rand(half)])
         A = torch.cat([full_tiles, torch.randn(3000), torch.zeros(64), -torch.zeros(64)])
-        check_quantize_blockwise(A.to(DEVICE), code.to(DEVICE), 256, SEARCH_CONFIGS[search])
+        check_quantize_blockwise(A.to(DEVICE), code.to(DEVICE), 256, k8.QuantizeBlockwiseConfig(search=search))
 
 
 @pytest.mark.parametrize(
     "config",
     [k8.QuantizeBlockwiseConfig(), k8.QuantizeBlockwiseConfig(key_shift=19, buckets=4096, probes=3),
-     k8.QuantizeBlockwiseConfig(key_shift=21, buckets=1024), SEARCH_CONFIGS["smem"],
-     k8.QuantizeBlockwiseConfig(search="smem", key_shift=19, buckets=1024)],
+     k8.QuantizeBlockwiseConfig(key_shift=21, buckets=1024)],
     ids=repr,
 )
 def test_8bit_search_tables_equal_a_bucket_count(config):
@@ -297,13 +290,8 @@ def test_8bit_search_tables_equal_a_bucket_count(config):
         expected_mid = torch.cat([code_midpoints(code), torch.full((257,), float("inf"))])
         expected_mid = torch.where(expected_mid == 0, 0.0, expected_mid)
         bits = expected_mid[:256].view(torch.int32)
-        if config.search == "smem":  # clamped magnitude, mirrored for negative signs
-            magnitude = (bits & 0x7FFFFFFF).clamp(min=k8._MIN_MAGNITUDE) - k8._MIN_MAGNITUDE
-            bucket = config.buckets // 2 + ((magnitude >> config.key_shift) ^ (bits >> 31))
-        else:
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-            bucket = (key >> config.key_shift) + config.buckets // 2
-        bucket = bucket.clamp(0, config.buckets - 1)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        bucket = ((key >> config.key_shift) + config.buckets // 2).clamp(0, config.buckets - 1)
         expected_first = (bucket[None, :] < torch.arange(config.buckets)[:, None]).sum(1)
         assert torch.equal(mid.cpu(), expected_mid)
         assert torch.equal(first.cpu().long(), expected_first)
@@ -327,7 +315,7 @@ def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
         k8.QuantizeBlockwiseConfig(key_shift=17, buckets=8192)
 
 
-@pytest.mark.parametrize("search", SEARCH_CONFIGS)
+@pytest.mark.parametrize("search", ["bucket", "bsearch"])
 def test_blockwise_exact_codes_and_midpoints(search):
     """Every code value maps to itself; every exact midpoint maps to the lower code, its next fp32
     value above to the upper one; on full tiles (the kernel's fast path) and a partial one."""
@@ -336,7 +324,7 @@ def test_blockwise_exact_codes_and_midpoints(search):
     values = torch.cat([code, mids, torch.nextafter(mids, torch.tensor(2.0, device=DEVICE))])
     pattern = torch.stack([values, torch.ones_like(values)], 1).reshape(-1)  # absmax 1
     A = pattern.repeat(-(-FULL_8BIT_TILES // pattern.numel()) + 1)  # full tiles, then a partial one
-    q, _ = check_quantize_blockwise(A, code, 32, SEARCH_CONFIGS[search])
+    q, _ = check_quantize_blockwise(A, code, 32, k8.QuantizeBlockwiseConfig(search=search))
     q = q.view(-1, values.numel(), 2)[..., 0].long().cpu()
     assert torch.equal(q[:, :256], torch.arange(256).expand(q.shape[0], -1))
     assert torch.equal(q[:, 256:511], torch.arange(255).expand(q.shape[0], -1))
@@ -474,8 +462,8 @@ def test_gpu_search_variants_and_unsigned_map():
         code = dynamic_map(signed, device="cuda")
         x = A if signed else A.abs()
         ref_q, _ = ref8.quantize_blockwise(x, code, 256)
-        for search in SEARCH_CONFIGS:
-            q, _ = run_quantize_blockwise(x, code, 256, SEARCH_CONFIGS[search])
+        for search in ("bucket", "bsearch"):
+            q, _ = run_quantize_blockwise(x, code, 256, k8.QuantizeBlockwiseConfig(search=search))
             assert_same(q, ref_q)
 
 

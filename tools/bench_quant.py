@@ -267,10 +267,8 @@ def sweep_variants():
         dict(tile=512, num_warps=1),
         dict(tile=1024, num_warps=2),
         dict(tile=2048, num_warps=4),
-        dict(tile=2048, num_warps=4, search="smem", buckets=4096),
-        dict(tile=4096, num_warps=8, search="smem", buckets=4096),
-        dict(tile=4096, num_warps=4, search="smem", buckets=4096),
-        dict(tile=8192, num_warps=8, search="smem", buckets=4096),
+        dict(tile=512, num_warps=1, key_shift=18, buckets=8192, probes=2),
+        dict(tile=512, num_warps=1, key_shift=16, buckets=32768),
         dict(tile=2048, num_warps=4, search="bsearch"),
     ):
         cfg = k8.QuantizeBlockwiseConfig(**kw)

@@ -10,7 +10,7 @@ so the loop's instructions per code and its shared-memory traffic (``LDS``/``STS
 the kernel's speed. Kernels without a hot loop (the 8-bit quantize and its table build) are counted
 whole; for every preset the report includes local-memory traffic (``LDL``/``STL``: register spills).
 
-    python tools/kernel_sass.py [gemv|quantize_4bit[_l1]|quantize_blockwise[_smem]|search_tables] [--arch 90] [--json]
+    python tools/kernel_sass.py [gemv|quantize_4bit[_l1]|quantize_blockwise|search_tables] [--arch 90] [--json]
 
 Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the compiled kernels).
 """
@@ -69,10 +69,10 @@ def _gemv_preset() -> Preset:
     )
 
 
-def _quantize_blockwise_preset(**config_kwargs) -> Preset:
+def _quantize_blockwise_preset() -> Preset:
     from inductor_quant.kernels import blockwise
 
-    config = blockwise.QuantizeBlockwiseConfig(**config_kwargs)
+    config = blockwise.QuantizeBlockwiseConfig()
     blocksize = 256
     pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32", q_ptr="*u8",
                     absmax_ptr="*fp32")
@@ -114,7 +114,7 @@ def _search_tables_preset() -> Preset:
         kernel="inductor_quant.kernels.blockwise._search_tables_kernel",
         signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32"),
         constexprs=dict(KEY_SHIFT=config.key_shift, BUCKETS=config.buckets,
-                        BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM, MAGNITUDE=False),
+                        BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM),
         num_warps=4,
         codes_per_iteration=0,
         aligned=("code_ptr", "mid_ptr", "first_ptr", "fullest_ptr"),
@@ -125,7 +125,6 @@ def _search_tables_preset() -> Preset:
 PRESETS = {
     "gemv": _gemv_preset,
     "quantize_blockwise": _quantize_blockwise_preset,
-    "quantize_blockwise_smem": lambda: _quantize_blockwise_preset(tile=4096, num_warps=8, search="smem", buckets=4096),
     "quantize_4bit": _quantize_4bit_preset,
     "quantize_4bit_l1": lambda: _quantize_4bit_preset(smem_table=False),
     "search_tables": _search_tables_preset,

@@ -27,14 +27,6 @@ holds 1 midpoint with ``KEY_SHIFT=17`` (2 for the unsigned map; 2 and 3 with ``K
 an element costs 1 + 1 table lookups instead of the 8 dependent lookups of a binary search
 (``SEARCH="bsearch"``, kept for comparison in the benchmark).
 
-``SEARCH="smem"`` gathers both tables from shared memory instead of L1 (each program copies them
-in), which needs a small bucket table: its bucket is a function of the magnitude bits clamped below
-at ``2**MIN_EXPONENT`` (``2**-24``, under the smallest midpoint of the dynamic maps) and of the sign
-— ``BUCKETS // 2 + u`` for ``xn >= +0``, ``BUCKETS // 2 - 1 - u`` below, ``u`` the clamped magnitude
-bits >> ``KEY_SHIFT`` — again monotone, so the same count-and-probe search is exact for any map
-(midpoints of smaller magnitude share the two middle buckets and cost probes). With
-``KEY_SHIFT=17``, ``|xn| <= 1 + 2**-22`` needs 2 x 1537 buckets: 4096, a 4 KB table.
-
 Blocks whose absmax is zero, non-finite or subnormal (reciprocal 0, NaN or Inf) are the only ones
 where ``xn`` can be NaN or infinite; tiles without such a block skip the NaN fix and the bucket
 clamp (see :func:`normalize_blocks_split`).
@@ -63,9 +55,6 @@ __all__ = [
 ]
 
 CODE_ENTRIES = tl.constexpr(256)
-MIN_EXPONENT = -24  # magnitudes below 2**MIN_EXPONENT share a bucket per sign (SEARCH="smem")
-_MIN_MAGNITUDE = (127 + MIN_EXPONENT) << 23  # fp32 bits of 2**MIN_EXPONENT
-_MIN_MAGNITUDE_BITS = tl.constexpr(_MIN_MAGNITUDE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,22 +100,9 @@ def _bucket_key(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
 
 
 @triton.jit
-def _magnitude_bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
-    """Unclamped bucket of fp32 values for ``SEARCH="smem"``: magnitude bits clamped below at
-    ``2**MIN_EXPONENT``, >> KEY_SHIFT, mirrored below the middle for negative signs."""
-    bits = v.to(tl.int32, bitcast=True)
-    u = (tl.maximum(bits & 0x7FFFFFFF, _MIN_MAGNITUDE_BITS) - _MIN_MAGNITUDE_BITS) >> KEY_SHIFT
-    return BUCKETS // 2 + (u ^ (bits >> 31))  # u ^ -1 = -1 - u
-
-
-@triton.jit
-def _bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr, MAGNITUDE: tl.constexpr):
+def _bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
     """Monotone bucket of any fp32 value (clamped to ``[0, BUCKETS)``)."""
-    if MAGNITUDE:
-        b = _magnitude_bucket(v, KEY_SHIFT, BUCKETS)
-    else:
-        b = _bucket_key(v, KEY_SHIFT, BUCKETS)
-    return tl.minimum(tl.maximum(b, 0), BUCKETS - 1)
+    return tl.minimum(tl.maximum(_bucket_key(v, KEY_SHIFT, BUCKETS), 0), BUCKETS - 1)
 
 
 @triton.jit
@@ -166,17 +142,16 @@ def _midpoints(code_ptr, i):
 @triton.jit
 def _search_tables_kernel(
     code_ptr, mid_ptr, first_ptr, fullest_ptr,
-    KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr, BUCKETS_PER_PROGRAM: tl.constexpr, MAGNITUDE: tl.constexpr,
+    KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr, BUCKETS_PER_PROGRAM: tl.constexpr,
 ):
     """The search tables of ``code``, ``BUCKETS_PER_PROGRAM`` buckets per program.
 
     ``first[b]`` (uint8) = the number of midpoints in buckets below ``b``, counted directly (a
     ``[buckets, 256]`` comparison: no histogram, so the buckets split over many small programs that
     each load the map once). ``fullest`` (int32, zero before the launch) = the largest number of
-    midpoints in one bucket, maximized over programs by an atomic. ``MAGNITUDE`` selects the bucket
-    function of ``SEARCH="smem"``.
+    midpoints in one bucket, maximized over programs by an atomic.
     Program 0 also writes ``mid`` (512 fp32 midpoints padded with +inf)."""
-    bucket_j = _bucket(_midpoints(code_ptr, tl.arange(0, CODE_ENTRIES)), KEY_SHIFT, BUCKETS, MAGNITUDE)
+    bucket_j = _bucket(_midpoints(code_ptr, tl.arange(0, CODE_ENTRIES)), KEY_SHIFT, BUCKETS)
     b = tl.program_id(0) * BUCKETS_PER_PROGRAM + tl.arange(0, BUCKETS_PER_PROGRAM)
     first = tl.sum((bucket_j[None, :] < b[:, None]).to(tl.int32), axis=1)
     in_bucket = tl.sum((bucket_j[None, :] == b[:, None]).to(tl.int32), axis=1)
@@ -186,16 +161,6 @@ def _search_tables_kernel(
     if tl.program_id(0) == 0:
         i = tl.arange(0, 2 * CODE_ENTRIES)
         tl.store(mid_ptr + i, _midpoints(code_ptr, i))
-
-
-@triton.jit
-def _lookup(ptr, table, index, SMEM: tl.constexpr):
-    """``ptr[index]``: with ``SMEM`` gathered from ``table`` (the whole table as a register tensor,
-    which Triton stages in shared memory), otherwise loaded through L1."""
-    if SMEM:
-        return tl.gather(table, index, 0)
-    else:
-        return tl.load(ptr + index)
 
 
 @triton.jit
@@ -226,37 +191,29 @@ def _quantize_blockwise_kernel(
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     xn, special = normalize_blocks_split(x, absmax)
     xn = tl.reshape(xn, [TILE])
-    if SEARCH == "bsearch":
-        q = tl.zeros([TILE], tl.int32)
-        for level in tl.static_range(8):
-            q += tl.where(xn > tl.load(mid_ptr + q + ((128 >> level) - 1)), 128 >> level, 0)
-    else:
-        SMEM: tl.constexpr = SEARCH == "smem"
-        # the whole tables, for the shared-memory gathers only (else eliminated)
-        first_table = tl.load(first_ptr + tl.arange(0, BUCKETS))
-        mid_table = tl.load(mid_ptr + tl.arange(0, MIDS))
-        if SMEM:
-            b = _magnitude_bucket(xn, KEY_SHIFT, BUCKETS)
-        else:
-            b = _bucket_key(xn, KEY_SHIFT, BUCKETS)
+    if SEARCH == "bucket":
+        b = _bucket_key(xn, KEY_SHIFT, BUCKETS)
         if special != 0:  # xn may be +-Inf (tiny absmax): clamp the bucket
             tl.debug_barrier()  # keeps this a branch (see normalize_blocks_split)
             b = tl.minimum(tl.maximum(b, 0), BUCKETS - 1)
-        base = _lookup(first_ptr, first_table, b, SMEM).to(tl.int32)
+        base = tl.load(first_ptr + b).to(tl.int32)
         q = base
         if special != 0:
             tl.debug_barrier()
             for p in tl.static_range(PROBES):
-                q += (xn > _lookup(mid_ptr, mid_table, base + p, SMEM)).to(tl.int32)
+                q += (xn > tl.load(mid_ptr + base + p)).to(tl.int32)
         else:
             # For finite xn, xn > mid <=> the sign bit of the fp32 difference mid - xn (rounding
             # keeps the sign; equal values give +0): an add and a shift-add per probe instead of a
             # compare and a select chain.
             for p in tl.static_range(PROBES):
-                mid = _lookup(mid_ptr, mid_table, base + p, SMEM)
-                q += ((mid - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+                q += ((tl.load(mid_ptr + base + p) - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
         for p in range(PROBES, tl.load(fullest_ptr)):
-            q += (xn > _lookup(mid_ptr, mid_table, tl.minimum(base + p, MIDS - 1), SMEM)).to(tl.int32)
+            q += (xn > tl.load(mid_ptr + tl.minimum(base + p, MIDS - 1))).to(tl.int32)
+    else:
+        q = tl.zeros([TILE], tl.int32)
+        for level in tl.static_range(8):
+            q += tl.where(xn > tl.load(mid_ptr + q + ((128 >> level) - 1)), 128 >> level, 0)
     store_tile(q_ptr, start, remaining, offs, q.to(tl.uint8), TILE)
 
 
@@ -305,8 +262,7 @@ class QuantizeBlockwiseConfig:
     """Launch parameters of the 8-bit quantize kernel.
 
     ``tile``: elements per program (rounded up to one block); ``num_warps``: warps for ``tile``
-    elements (scaled up with the tile when a block is larger); ``search``: "bucket" (tables read
-    through L1), "smem" (magnitude buckets, tables gathered from shared memory) or "bsearch";
+    elements (scaled up with the tile when a block is larger); ``search``: "bucket" or "bsearch";
     ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
     ``probes``: unrolled in-bucket comparisons (more run in a loop when a bucket holds more).
     """
@@ -321,14 +277,13 @@ class QuantizeBlockwiseConfig:
         probes: int = 1,
     ) -> None:
         check_launch_shape(tile, num_warps)
-        if search not in ("bucket", "smem", "bsearch"):
-            raise ValueError(f"search must be 'bucket', 'smem' or 'bsearch', got {search!r}")
+        if search not in ("bucket", "bsearch"):
+            raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
         if buckets & (buckets - 1):
             raise ValueError(f"buckets must be a power of two, got {buckets}")
         # Unclamped buckets of |xn| <= 1 + 2**-22 (keys +-0x3F800001) must lie in [0, buckets).
-        largest = 0x3F800001 - _MIN_MAGNITUDE if search == "smem" else 0x3F800001
-        if buckets // 2 <= largest >> key_shift:
-            raise ValueError(f"buckets={buckets} too few for key_shift={key_shift} (search={search!r})")
+        if buckets // 2 <= 0x3F800001 >> key_shift:
+            raise ValueError(f"buckets={buckets} too few for key_shift={key_shift}")
         self.tile = tile
         self.num_warps = num_warps
         self.search = search
@@ -418,8 +373,7 @@ def _build_search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig, ta
     # the interpreter runs programs one after another: few large ones (a tile holds <= 2**20 elements)
     per_program = min(config.buckets, 2048 if _is_interpreted(code) else _BUCKETS_PER_PROGRAM)
     _search_tables_kernel[(config.buckets // per_program,)](
-        code, mid, first, fullest, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets,
-        BUCKETS_PER_PROGRAM=per_program, MAGNITUDE=config.search == "smem",
+        code, mid, first, fullest, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets, BUCKETS_PER_PROGRAM=per_program
     )
     return tables
 
@@ -452,7 +406,7 @@ def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple
     def build() -> torch.Tensor:
         return _build_search_tables(code, config, to_device_constant(torch.empty(nbytes, dtype=torch.uint8), code.device))
 
-    return _split_tables(_TABLE_CACHE.get((code,), build, extra=(config.key_shift, config.buckets, config.search == "smem")), config)
+    return _split_tables(_TABLE_CACHE.get((code,), build, extra=(config.key_shift, config.buckets)), config)
 
 
 def quantize_blockwise(
