@@ -7,13 +7,16 @@ dequantize followed by elementwise work must be one kernel.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 from torch._inductor import config as inductor_config
 
 from conftest import compiled, kernel_count
 from inductor_quant.code_tables import dynamic_map
-from inductor_quant.lowerings import register_lowerings
+from inductor_quant.lowerings import _ir, register_lowerings
 
 iq = torch.ops.inductor_quant
 
@@ -120,8 +123,12 @@ def _with_specials(shape, blocksize, dtype=torch.float32):
     return x
 
 
+@pytest.mark.parametrize("reciprocal", ["div_rn", "fma_refined"])
 @pytest.mark.parametrize("vectorized", [False, True])
-def test_quantize_lowerings_bit_exact(vectorized):
+def test_quantize_lowerings_bit_exact(vectorized, reciprocal, monkeypatch):
+    """Both ways of rounding ``1 / absmax`` (``reciprocal_rn``): ``div_rn`` where Inductor has the
+    op, the fma-refined reciprocal otherwise (torch 2.11), forced here."""
+    monkeypatch.setattr(_ir, "_HAS_DIV_RN", reciprocal == "div_rn")
     code = dynamic_map()
     inputs = [_with_specials(shape, bs, dtype) for shape, bs, dtype in QUANT_8BIT_CASES]
     inputs += [_with_specials(shape, bs) for _, shape, bs, _ in QUANT_4BIT_CASES]
@@ -140,6 +147,45 @@ def test_quantize_lowerings_bit_exact(vectorized):
     assert_lowered(source, "quantize_4bit")
     for actual, expected in zip(out, fn(*inputs)):
         assert_bit_equal(actual, expected)
+
+
+def _round_to_f32(value: Fraction) -> float:
+    """``value`` rounded to the nearest fp32, ties to even, by exact comparison."""
+    nearest = np.float32(float(value))
+    candidates = [np.nextafter(nearest, np.float32(-np.inf)), nearest, np.nextafter(nearest, np.float32(np.inf))]
+    return float(min(candidates, key=lambda c: (abs(Fraction(float(c)) - value), int(np.float32(c).view(np.int32)) & 1)))
+
+
+def _fma(a: float, b: float, c: float) -> float:
+    return _round_to_f32(Fraction(a) * Fraction(b) + Fraction(c))
+
+
+def test_fma_refined_reciprocal_is_correctly_rounded_from_a_2_ulp_start():
+    """The refinement ``reciprocal_rn`` emits where Inductor has no ``div_rn`` (torch 2.11),
+    emulated with exact fmas: from any start within 2 fp32 ulp of ``1 / x`` (Triton's
+    ``div.full.f32`` bound) it lands on ``1 / x`` rounded to nearest, over random mantissas and
+    exponents of the normal range it is used for, and mantissas of all ones (where correcting the
+    quotient by its remainder instead would round a tie the wrong way)."""
+    generator = torch.Generator().manual_seed(0)
+    mantissas = 1 + torch.rand(300, generator=generator, dtype=torch.float64)
+    exponents = torch.randint(-125, 125, (300,), generator=generator)
+    xs = [float(np.float32(m * 2.0**e)) for m, e in zip(mantissas.tolist(), exponents.tolist())]
+    xs += [float(np.float32(2.0 - 2.0**-23) * 2.0**e) for e in (-125, -3, 0, 7, 124)]
+    for x in xs:
+        want = _round_to_f32(1 / Fraction(x))
+        start = np.float32(want)
+        for step in range(-2, 3):
+            approx = start
+            for _ in range(abs(step)):
+                approx = np.nextafter(approx, np.float32(np.inf if step > 0 else -np.inf))
+            approx = float(approx)
+            refined = np.float32(_fma(approx, _fma(-x, approx, 1.0), approx))
+            below, above = (np.nextafter(refined, np.float32(d)) for d in (-np.inf, np.inf))
+            corrected = refined
+            for candidate in (below, above):
+                if abs(_fma(-x, float(candidate), 1.0)) < abs(_fma(-x, float(corrected), 1.0)):
+                    corrected = candidate
+            assert float(corrected) == want, (x, step, float(corrected), want)
 
 
 def test_quantize_decision_boundaries_exact():

@@ -211,7 +211,7 @@ class Quantize4bitConfig:
     """Launch parameters of the 4-bit quantize kernel: input elements per program, warps, and
     whether the bucket table is read from shared memory (``tl.gather``) or through L1."""
 
-    def __init__(self, tile: int = 4096, num_warps: int = 4, smem_table: bool = True) -> None:
+    def __init__(self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True) -> None:
         check_launch_shape(tile, num_warps)
         self.tile = tile
         self.num_warps = num_warps
@@ -235,9 +235,10 @@ class Dequantize4bitConfig:
         return f"Dequantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_lut={self.smem_lut})"
 
 
-# H100 sweep (tools/notes_quant.md, Run 7): the table in shared memory 215.4 µs on 28672x8192 and
-# 24.3 µs on 4096x4096, through L1 292.7 and 29.0; reading bf16 tiles as element pairs (fewer
-# instructions, more registers) 223.7 / 24.7 with the shared-memory table and was removed.
+# H100 sweeps (tools/notes_quant.md, Run 7): the table in shared memory, 2048 elements / 2 warps
+# 206.4 µs on 28672x8192 and 23.6 µs on 4096x4096 (4096 / 4: 214.9-215.4 and 24.3-24.6; through L1
+# 292.7 and 29.0-29.4); reading bf16 tiles as element pairs (fewer instructions, more registers)
+# was slower than the shared-memory table (223.7 / 24.7) and was removed.
 _DEFAULT_QUANTIZE = Quantize4bitConfig()
 # H100 sweeps (two runs, tools/notes_quant.md): 4096 elements / 4 warps with the table in shared
 # memory 20.1-20.3 µs on 4096x4096 and 209.4-209.6 µs on 28672x8192 (16384 / 8 warps / L1: 21.2

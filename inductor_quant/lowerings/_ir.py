@@ -174,17 +174,47 @@ def block_loader(absmax: ir.TensorBox, n: sympy.Expr, blocksize: int) -> Callabl
     return load_block
 
 
-def normalize(x: Any, absmax: Any) -> Any:
-    """``x * (1 / absmax)`` with NaN taken as 0.0 (``reference.normalize_blocks``).
+def reciprocal_rn(x: Any) -> Any:
+    """fp32 ``1 / x`` rounded to nearest, as the kernels (``div_rn``) and the reference compute it.
 
-    The reciprocal is rounded to nearest (``ops.div_rn``, ``tl.div_rn`` in Triton), as the kernels
-    and the reference compute it: Inductor's Triton ``reciprocal`` and ``/`` are approximate
-    divisions on NVIDIA GPUs (``div.full.f32``), and bf16 inputs land exactly on an 8-bit
-    midpoint often enough that the approximation moved ~0.1 % of the codes (H100). An Inductor
-    without the ``div_rn`` op keeps ``reciprocal``."""
+    Inductor's Triton ``reciprocal`` and ``/`` are approximate divisions on NVIDIA GPUs
+    (``div.full.f32``), and bf16 inputs land exactly on an 8-bit midpoint often enough that the
+    approximation moved ~0.1 % of the codes (H100). Where Inductor has a ``div_rn`` op it emits
+    ``tl.div_rn``. Older ones (torch 2.11) refine the approximate reciprocal by one Newton step
+    (an fma residual), which leaves it within one ulp of ``1 / x``, then keep whichever of it and its
+    two fp32 neighbours has the smallest exact residual ``|fma(-x, c, 1)| = x * |1 / x - c|``: the
+    nearest. (Correcting the quotient by its remainder, as CUDA's ``div.rn`` does after an
+    accurate ``rcp``, can land on a tie-breaking error from a 2-ulp start: ``x = (2**24 - 1) *
+    2**-148``.) This covers normal ``x`` in ``[2**-125, 2**125]`` (``x >= 0``: an absmax); zero, Inf
+    and NaN keep ``1 / x`` (already exact), and so do subnormals (blocks of subnormal values only)."""
     one = ops.constant(1.0, torch.float32)
-    inverse = ops.div_rn(one, absmax) if _HAS_DIV_RN else ops.reciprocal(absmax)
-    scaled = ops.mul(x, inverse)
+    if _HAS_DIV_RN:
+        return ops.div_rn(one, x)
+    approx = ops.reciprocal(x)
+    minus_x = ops.neg(x)
+    refined = ops.fma(approx, ops.fma(minus_x, approx, one), approx)
+    bits = ops.to_dtype_bitcast(refined, torch.int32, torch.float32)
+
+    def neighbour(step: int) -> Any:
+        return ops.to_dtype_bitcast(ops.add(bits, ops.constant(step, torch.int32)), torch.float32, torch.int32)
+
+    def error(candidate: Any) -> Any:
+        return ops.abs(ops.fma(minus_x, candidate, one))
+
+    corrected = refined
+    for candidate in (neighbour(-1), neighbour(1)):
+        corrected = ops.where(ops.lt(error(candidate), error(corrected)), candidate, corrected)
+    magnitude = ops.abs(x)
+    normal = ops.logical_and(
+        ops.ge(magnitude, ops.constant(2.0**-125, torch.float32)),
+        ops.le(magnitude, ops.constant(2.0**125, torch.float32)),
+    )
+    return ops.where(normal, corrected, approx)
+
+
+def normalize(x: Any, absmax: Any) -> Any:
+    """``x * reciprocal_rn(absmax)`` with NaN taken as 0.0 (``reference.normalize_blocks``)."""
+    scaled = ops.mul(x, reciprocal_rn(absmax))
     return ops.where(ops.isnan(scaled), ops.constant(0.0, torch.float32), scaled)
 
 
