@@ -126,8 +126,7 @@ class Case:
 
 def _copy_of(nbytes: int):
     """A device copy that reads and writes ``nbytes`` in all (half each): the bandwidth a kernel of
-    this size can reach with the same timer, launch and ramp-up included. Copied as int32 (a
-    byte-tensor copy ran at 79 % of the copy bandwidth on the 8-bit ops' sizes)."""
+    this size can reach with the same timer, launch and ramp-up included."""
     src = torch.randint(-(2**31), 2**31 - 1, (nbytes // 8,), dtype=torch.int32, device="cuda")
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
