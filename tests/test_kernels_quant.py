@@ -180,7 +180,7 @@ ROUNDTRIP = dict(  # the inputs both round-trip tests draw
 @given(
     **ROUNDTRIP,
     signed=st.booleans(),
-    search=st.sampled_from(("bucket", "bsearch")),
+    search=st.sampled_from(("bucket", "bucket_shared", "bsearch")),
     specials=st.booleans(),
 )
 def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, signed, search, specials):
@@ -257,7 +257,7 @@ def test_4bit_bucket_table_equals_threshold_count(quant_type):
     assert torch.equal(q.long(), ref4.quantize_4bit_codes(values, quant_type))
 
 
-@pytest.mark.parametrize("search", ["bucket", "bsearch"])
+@pytest.mark.parametrize("search", ["bucket", "bucket_shared", "bsearch"])
 def test_blockwise_arbitrary_tables(search):
     """Any sorted 256-entry table: one whose midpoints crowd into a single bucket (the run-time
     probe loop), one with repeated entries and signed zeros, and a uniform one."""
@@ -315,7 +315,7 @@ def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
         k8.QuantizeBlockwiseConfig(key_shift=17, buckets=8192)
 
 
-@pytest.mark.parametrize("search", ["bucket", "bsearch"])
+@pytest.mark.parametrize("search", ["bucket", "bucket_shared", "bsearch"])
 def test_blockwise_exact_codes_and_midpoints(search):
     """Every code value maps to itself; every exact midpoint maps to the lower code, its next fp32
     value above to the upper one; on full tiles (the kernel's fast path) and a partial one."""

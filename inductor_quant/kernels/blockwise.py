@@ -200,7 +200,7 @@ def _quantize_blockwise_kernel(
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     xn, special = normalize_blocks_split(x, absmax)
     xn = tl.reshape(xn, [TILE])
-    if SEARCH == "bucket":
+    if SEARCH != "bsearch":
         b = _bucket_key(xn, KEY_SHIFT, BUCKETS)
         if special != 0:  # xn may be +-Inf (tiny absmax): clamp the bucket
             tl.debug_barrier()  # keeps this a branch (see normalize_blocks_split)
@@ -215,8 +215,14 @@ def _quantize_blockwise_kernel(
             # For finite xn, xn > mid <=> the sign bit of the fp32 difference mid - xn (rounding
             # keeps the sign; equal values give +0): an add and a shift-add per probe instead of a
             # compare and a select chain.
-            for p in tl.static_range(PROBES):
-                q += ((tl.load(mid_ptr + base + p) - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+            if SEARCH == "bucket_shared":
+                # the 512 midpoints as one register tensor: tl.gather reads them from shared memory
+                mids = tl.load(mid_ptr + tl.arange(0, MIDS))
+                for p in tl.static_range(PROBES):
+                    q += ((tl.gather(mids, base + p, 0) - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+            else:
+                for p in tl.static_range(PROBES):
+                    q += ((tl.load(mid_ptr + base + p) - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
         for p in range(PROBES, tl.load(fullest_ptr)):
             q += (xn > tl.load(mid_ptr + tl.minimum(base + p, MIDS - 1))).to(tl.int32)
     else:
@@ -286,8 +292,8 @@ class QuantizeBlockwiseConfig:
         probes: int = 1,
     ) -> None:
         check_launch_shape(tile, num_warps)
-        if search not in ("bucket", "bsearch"):
-            raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
+        if search not in ("bucket", "bucket_shared", "bsearch"):
+            raise ValueError(f"search must be 'bucket', 'bucket_shared' or 'bsearch', got {search!r}")
         if buckets & (buckets - 1):
             raise ValueError(f"buckets must be a power of two, got {buckets}")
         # Unclamped buckets of |xn| <= 1 + 2**-22 (keys +-0x3F800001) must lie in [0, buckets).
