@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..code_tables import FOURBIT_BUCKETS, fourbit_bucket_of, fourbit_bucket_table, get_4bit_code
+from ..code_tables import fourbit_bucket_table, get_4bit_code
 from ._constants import to_device_constant
 from .blockwise import (
     block_absmax,
@@ -43,8 +43,6 @@ from .blockwise import (
 )
 
 __all__ = [
-    "BUCKETS",
-    "bucket_of",
     "bucket_table",
     "code_table",
     "quantize_4bit",
@@ -52,10 +50,6 @@ __all__ = [
     "Quantize4bitConfig",
     "Dequantize4bitConfig",
 ]
-
-BUCKETS = FOURBIT_BUCKETS
-bucket_of = fourbit_bucket_of
-
 
 def bucket_table(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
     """int64 ``[64]``: low word the fp32 bits of the bucket's threshold (+inf if none), high word
