@@ -55,8 +55,6 @@ __all__ = [
 ]
 
 CODE_ENTRIES = tl.constexpr(256)
-# midpoints per step of the search-table kernel's largest-bucket count ([32, 256] comparisons)
-_FULLEST_ROWS = tl.constexpr(32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,26 +148,19 @@ def _search_tables_kernel(
 
     ``first[b]`` (uint8) = the number of midpoints in buckets below ``b``, counted directly (a
     ``[buckets, 256]`` comparison: no histogram, so the buckets split over many small programs that
-    each load the map once).
-    Program 0 also writes ``mid`` (512 fp32 midpoints padded with +inf) and ``fullest`` (int32) =
-    the largest number of midpoints in one bucket, as the largest number of midpoints sharing a
-    midpoint's bucket: every non-empty bucket holds a midpoint, so no program needs another's count
-    (an atomic maximum over programs would need a zeroed word, i.e. a memset before every build)."""
+    each load the map once). ``fullest`` (int32, zero before the launch) = the largest number of
+    midpoints in one bucket, maximized over programs by an atomic.
+    Program 0 also writes ``mid`` (512 fp32 midpoints padded with +inf)."""
     bucket_j = _bucket(_midpoints(code_ptr, tl.arange(0, CODE_ENTRIES)), KEY_SHIFT, BUCKETS)
     b = tl.program_id(0) * BUCKETS_PER_PROGRAM + tl.arange(0, BUCKETS_PER_PROGRAM)
     first = tl.sum((bucket_j[None, :] < b[:, None]).to(tl.int32), axis=1)
+    in_bucket = tl.sum((bucket_j[None, :] == b[:, None]).to(tl.int32), axis=1)
     # Below any bucket lie at most 255 midpoints (the +inf pad sits in the last bucket): fits uint8.
     tl.store(first_ptr + b, first.to(tl.uint8))
+    tl.atomic_max(fullest_ptr, tl.max(in_bucket, 0))
     if tl.program_id(0) == 0:
         i = tl.arange(0, 2 * CODE_ENTRIES)
         tl.store(mid_ptr + i, _midpoints(code_ptr, i))
-        fullest = 0
-        for chunk in tl.static_range(CODE_ENTRIES // _FULLEST_ROWS):
-            rows = chunk * _FULLEST_ROWS + tl.arange(0, _FULLEST_ROWS)
-            bucket_i = _bucket(_midpoints(code_ptr, rows), KEY_SHIFT, BUCKETS)
-            sharing = tl.sum((bucket_j[None, :] == bucket_i[:, None]).to(tl.int32), axis=1)
-            fullest = tl.maximum(fullest, tl.max(sharing, 0))
-        tl.store(fullest_ptr, fullest)
 
 
 @triton.jit
@@ -384,6 +375,7 @@ def _build_search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig, ta
     """Launch the table kernel for ``code`` into ``tables`` (see :func:`_split_tables`);
     returns ``tables``."""
     mid, first, fullest = _split_tables(tables, config)
+    fullest.zero_()
     # the interpreter runs programs one after another: few large ones (a tile holds <= 2**20 elements)
     per_program = min(config.buckets, 2048 if _is_interpreted(code) else _BUCKETS_PER_PROGRAM)
     _search_tables_kernel[(config.buckets // per_program,)](
@@ -406,7 +398,7 @@ def _split_tables(tables: torch.Tensor, config: QuantizeBlockwiseConfig) -> tupl
 def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple[torch.Tensor, ...]:
     """``(mid, first, fullest)`` for ``code`` and the bucket shape of ``config``.
 
-    Building them costs a launch (8-13 µs on an H100 inside a CUDA graph with the memset it used to need), so they are
+    Building them costs a memset and a launch (8-13 µs on an H100 inside a CUDA graph), so they are
     cached per map (:class:`MapCache`: data pointer and version counter),
     in a buffer allocated outside any CUDA-graph pool (``to_device_constant``). While a CUDA graph
     is being captured, or for a non-contiguous map (its contiguous copy is new every call), they
