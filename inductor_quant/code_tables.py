@@ -125,7 +125,7 @@ def code_midpoints(code: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4-bit code selection by one table lookup (the Triton kernel and the Inductor lowering)
+# 4-bit code selection by one table lookup (the Triton quantize kernel)
 # ----------------------------------------------------------------------------------------------
 
 # Adjacent NF4 midpoints (and FP4 thresholds) are more than 1/16 apart, so the monotone bucket

@@ -268,7 +268,10 @@ class QuantizeBlockwiseConfig:
     """Launch parameters of the 8-bit quantize kernel.
 
     ``tile``: elements per program (rounded up to one block); ``num_warps``: warps for ``tile``
-    elements (scaled up with the tile when a block is larger); ``search``: "bucket" or "bsearch";
+    elements (scaled up with the tile when a block is larger); ``search``: "bucket", "bsearch", or
+    "bucket_shared" (the bucket search with the midpoints gathered from shared memory; a variant of
+    ``tools/bench_quant.py --sweep``, not yet timed; needs 2+ warps, since under one warp Triton
+    gathers through shuffles);
     ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
     ``probes``: unrolled in-bucket comparisons (more run in a loop when a bucket holds more).
     """

@@ -16,7 +16,7 @@ bucket edge may take either bucket; both give the same code (every threshold of 
 is below it, none of the upper one is). One 64-entry table gives per bucket that threshold (or
 +inf) and the codes below and above it, in one 8-byte word: ``q = v > thr[b] ? above[b] :
 below[b]``, one lookup instead of four dependent comparisons. The table is built on the host
-(``code_tables.fourbit_bucket_table``, shared with the Inductor lowering) and read from shared memory
+(``code_tables.fourbit_bucket_table``) and read from shared memory
 (default) or, with ``Quantize4bitConfig(smem_table=False)``, through L1, which made the kernel
 26 % slower on an H100 (``tools/notes_quant.md``, Run 7). ``|xn| <= 1 + 2**-22`` except in blocks
 with a zero, non-finite or tiny absmax; only tiles holding such a block pay for the NaN fix and a

@@ -64,27 +64,26 @@ def load_f32(load: Loader, i: sympy.Expr) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _table_tensor(values: tuple[float, ...], device: str, dtype: torch.dtype) -> torch.Tensor:
+def _table_tensor(values: tuple[float, ...], device: str) -> torch.Tensor:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
-        return torch.tensor(values, dtype=dtype, device=device)
+        return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def constant_table(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.float32) -> Loader:
-    """Loader of a small constant table (fp32 by default) embedded in the compiled module (a LUT
-    gather).
+def constant_table(values: Sequence[float], device: torch.device) -> Loader:
+    """Loader of a small fp32 constant table embedded in the compiled module (a LUT gather).
 
-    The tensor is cached per (values, device, dtype), so every lowering in a graph that asks for
-    the same table gets the same constant buffer (Inductor dedups constants by tensor identity)."""
-    buffer = V.graph.add_tensor_constant(_table_tensor(tuple(values), str(device), dtype))
+    The tensor is cached per (values, device), so every lowering in a graph that asks for the
+    same table gets the same constant buffer (Inductor dedups constants by tensor identity)."""
+    buffer = V.graph.add_tensor_constant(_table_tensor(tuple(values), str(device)))
     load = buffer.make_loader()
     return lambda i: load([i])
 
 
 def gather(table: Loader, code: Any, size: int) -> Any:
     """``table[code]`` for an integral ops value known to lie in ``[0, size)``."""
-    return table(ops.indirect_indexing(code, size, check=False, wrap_neg=False))
+    return table(ops.indirect_indexing(code, size, check=False))
 
 
 def index_value(expr: sympy.Expr, dtype: torch.dtype = torch.int64) -> Any:

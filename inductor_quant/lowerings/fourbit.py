@@ -3,9 +3,7 @@
 ``dequantize_4bit`` is one ``Pointwise`` node: element ``i`` reads byte ``i // 2`` (high nibble
 for even ``i``), gathers the code value from a 16-entry constant table embedded in the compiled
 module, and scales it by ``absmax[i // blocksize]``. ``quantize_4bit`` is a ``max |x|`` block
-reduction plus a pointwise that encodes two elements per output byte, each by one lookup in a
-64-entry constant bucket table (the hand-written kernel's table and arithmetic, so the generated
-code needs one comparison per element instead of one per threshold). When
+reduction plus a pointwise that encodes two elements per output byte. When
 ``numel % blocksize == 0`` the reduction runs over pairs of elements so that it and the packing
 loop share ``(blocks, blocksize // 2)`` ranges and fuse into one kernel. Packed data stored as
 bf16/fp16/fp32 (``quant_storage``) is reinterpreted as bytes through a dtype view. Results are
@@ -22,47 +20,35 @@ from torch._inductor import ir
 from torch._inductor.virtualized import ops
 from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 
-from .. import code_tables
-from ..code_tables import FP4_SIGN_BIT, QUANT_TYPES, get_4bit_code
+from ..code_tables import FP4_RANK_TO_CODE, FP4_SIGN_BIT, FP4_THRESHOLDS, QUANT_TYPES, code_midpoints, get_4bit_code
 from ..reference.fourbit import quantize_4bit_codes
 from . import _ir
 
 ops_ns = torch.ops.inductor_quant
 
 
+def _fp32_values(values: Sequence[float]) -> list[float]:
+    """``values`` rounded to fp32 (as the reference's ``torch.tensor(..., float32)`` does)."""
+    return torch.tensor(list(values), dtype=torch.float32).tolist()
+
+
+NF4_MIDPOINTS = code_midpoints(get_4bit_code("nf4")).tolist()
+FP4_THRESHOLDS_FP32 = _fp32_values(FP4_THRESHOLDS)
 # Code of 0.0, which pads the low nibble of the last byte when numel is odd.
 ZERO_CODE = {quant_type: int(quantize_4bit_codes(torch.zeros(1), quant_type)) for quant_type in QUANT_TYPES}
-# v * 16 + BUCKET_BIAS rounds once to an integer in [2**23, 2**24): the bucket is its low 6 bits.
-BUCKET_BIAS = 1.5 * 2**23 + 32
 
 
-def encode_4bit(normalized, quant_type: str, load_table: _ir.Loader):
-    """4-bit code (int32) of a normalized fp32 value (``reference.quantize_4bit_codes``) by one
-    lookup in the bucket table ``load_table`` (``code_tables.fourbit_bucket_table``), as the Triton
-    kernel does: the bucket of ``v`` (``normalized``, or ``|normalized|`` for FP4) holds at most one
-    threshold, so one comparison with it picks the code. ``v * 16`` is exact, so the product and the
-    sum round once, like the kernel's fma."""
-    v = normalized if quant_type == "nf4" else ops.abs(normalized)
-    limit = code_tables.FOURBIT_BUCKET_RANGE
-    # a tiny absmax makes normalized values infinite: clamp them into the table's range
-    v = ops.minimum(ops.maximum(v, ops.constant(-limit, torch.float32)), ops.constant(limit, torch.float32))
-    key = ops.add(ops.mul(v, ops.constant(16.0, torch.float32)), ops.constant(BUCKET_BIAS, torch.float32))
-    bucket = ops.bitwise_and(
-        ops.to_dtype_bitcast(key, torch.int32, torch.float32), ops.constant(code_tables.FOURBIT_BUCKETS - 1, torch.int32)
-    )
-    entry = _ir.gather(load_table, bucket, code_tables.FOURBIT_BUCKETS)
-    threshold = ops.to_dtype_bitcast(ops.to_dtype(entry, torch.int32), torch.float32, torch.int32)
-    codes = ops.to_dtype(ops.bitwise_right_shift(entry, ops.constant(32, torch.int64)), torch.int32)
-    code = ops.where(
-        ops.gt(v, threshold),
-        ops.bitwise_right_shift(codes, ops.constant(4, torch.int32)),
-        ops.bitwise_and(codes, ops.constant(15, torch.int32)),
-    )
+def encode_4bit(normalized, quant_type: str):
+    """4-bit code (int32) of a normalized fp32 value (``reference.quantize_4bit_codes``)."""
     if quant_type == "nf4":
-        return code
+        return _ir.count_below(normalized, NF4_MIDPOINTS)
+    rank = _ir.count_below(ops.abs(normalized), FP4_THRESHOLDS_FP32)
+    magnitude = ops.constant(FP4_RANK_TO_CODE[0], torch.int32)
+    for r in range(1, len(FP4_RANK_TO_CODE)):
+        magnitude = ops.where(ops.eq(rank, ops.constant(r, torch.int32)), ops.constant(FP4_RANK_TO_CODE[r], torch.int32), magnitude)
     negative = ops.lt(normalized, ops.constant(0.0, torch.float32))
     sign = ops.where(negative, ops.constant(FP4_SIGN_BIT, torch.int32), ops.constant(0, torch.int32))
-    return ops.bitwise_or(code, sign)
+    return ops.bitwise_or(magnitude, sign)
 
 
 def dequantize_4bit(
@@ -107,10 +93,8 @@ def quantize_4bit(
     absmax = _ir.block_absmax(device, lambda row, i: value(i), n, blocksize, pairs=whole)
     load_absmax = _ir.block_loader(absmax, n, blocksize)
 
-    load_table = _ir.constant_table(code_tables.fourbit_bucket_table(quant_type).tolist(), device, torch.int64)
-
     def code_of(i):
-        return encode_4bit(_ir.normalize(value(i), load_absmax(i)), quant_type, load_table)
+        return encode_4bit(_ir.normalize(value(i), load_absmax(i)), quant_type)
 
     def pack(high, low):
         return ops.to_dtype(ops.bitwise_or(ops.bitwise_left_shift(high, ops.constant(4, torch.int32)), low), torch.uint8)
