@@ -27,10 +27,6 @@ __all__ = [
     "create_dynamic_map",
     "dynamic_map",
     "code_midpoints",
-    "FOURBIT_BUCKETS",
-    "FOURBIT_BUCKET_RANGE",
-    "fourbit_bucket_of",
-    "fourbit_bucket_table",
 ]
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -122,57 +118,3 @@ def code_midpoints(code: torch.Tensor) -> torch.Tensor:
     """fp32 decision boundaries of a sorted code table: ``(code[:-1] + code[1:]) / 2``."""
     code = code.float()
     return (code[:-1] + code[1:]) * 0.5
-
-
-# ----------------------------------------------------------------------------------------------
-# 4-bit code selection by one table lookup (the Triton quantize kernel)
-# ----------------------------------------------------------------------------------------------
-
-# Adjacent NF4 midpoints (and FP4 thresholds) are more than 1/16 apart, so the monotone bucket
-# ``round_half_even(v * 16 + 32)`` of ``v`` in ``[-1.9375, 1.9375]`` holds at most one of them.
-FOURBIT_BUCKETS = 64
-FOURBIT_BUCKET_RANGE = 1.9375  # |v| is clamped to this where it may be infinite (a tiny absmax)
-
-
-def fourbit_bucket_of(v: torch.Tensor) -> torch.Tensor:
-    """Bucket (int64) of fp32 values: ``round_half_even(clamp(v) * 16 + 32)``, exact in float64.
-
-    On the device the same value is the low 6 mantissa bits of ``v * 16 + (1.5 * 2**23 + 32)``:
-    the product is exact and the one rounding of the sum lands on an integer in ``[2**23, 2**24)``."""
-    clamped = v.float().clamp(-FOURBIT_BUCKET_RANGE, FOURBIT_BUCKET_RANGE).double()
-    return torch.round(clamped * 16.0 + 32.0).to(torch.int64)
-
-
-def _fourbit_thresholds(quant_type: str) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Ascending fp32 decision thresholds and the code of each rank (0..len(thresholds))."""
-    if quant_type == "nf4":
-        return code_midpoints(get_4bit_code("nf4")), tuple(range(16))
-    return torch.tensor(FP4_THRESHOLDS, dtype=torch.float32), FP4_RANK_TO_CODE
-
-
-@functools.lru_cache(maxsize=None)
-def _fourbit_bucket_table(quant_type: str) -> torch.Tensor:
-    thresholds, rank_code = _fourbit_thresholds(quant_type)
-    buckets = fourbit_bucket_of(thresholds)
-    if buckets.unique().numel() != buckets.numel():
-        raise AssertionError(f"{quant_type}: two thresholds share a bucket; the lookup needs at most one")
-    thr = torch.full((FOURBIT_BUCKETS,), float("inf"), dtype=torch.float32)
-    codes = torch.zeros(FOURBIT_BUCKETS, dtype=torch.int64)
-    for b in range(FOURBIT_BUCKETS):
-        below = int((buckets < b).sum())  # thresholds below any value of bucket b
-        inside = (buckets == b).nonzero().flatten()
-        above = below
-        if inside.numel():
-            thr[b] = thresholds[inside[0]]
-            above = below + 1
-        codes[b] = rank_code[below] | (rank_code[above] << 4)
-    return thr.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (codes << 32)
-
-
-def fourbit_bucket_table(quant_type: str) -> torch.Tensor:
-    """int64 ``[64]`` on the CPU (a fresh copy): per bucket, the low word holds the fp32 bits of the
-    threshold inside it (+inf if none), the high word ``below | above << 4`` (the 4-bit codes on
-    either side of that threshold; the FP4 codes without their sign bit). A value ``v`` of bucket
-    ``b`` takes ``above`` if ``v > thr[b]``, else ``below``: its nearest code (NF4) or bitsandbytes'
-    threshold rank (FP4, on ``|x|``)."""
-    return _fourbit_bucket_table(quant_type).clone()

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inductor_quant.code_tables import FP4_THRESHOLDS, code_midpoints, dynamic_map, fourbit_bucket_of, get_4bit_code
+from inductor_quant.code_tables import FP4_THRESHOLDS, code_midpoints, dynamic_map, get_4bit_code
 from inductor_quant.kernels import blockwise as k8
 from inductor_quant.kernels import fourbit as k4
 from inductor_quant.reference import blockwise as ref8
@@ -250,7 +250,7 @@ def test_4bit_bucket_table_equals_threshold_count(quant_type):
         ]
     )
     v = values.abs() if quant_type == "fp4" else values
-    b = fourbit_bucket_of(v)
+    b = k4.bucket_of(v)
     q = torch.where(v > thr[b], pairs[b] >> 4, pairs[b] & 15)
     if quant_type == "fp4":
         q = q | torch.where(values < 0, 8, 0)

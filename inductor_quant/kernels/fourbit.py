@@ -15,8 +15,8 @@ single rounding lands on an integer, kept in the low mantissa bits (``& 63``). A
 bucket edge may take either bucket; both give the same code (every threshold of the lower bucket
 is below it, none of the upper one is). One 64-entry table gives per bucket that threshold (or
 +inf) and the codes below and above it, in one 8-byte word: ``q = v > thr[b] ? above[b] :
-below[b]``, one lookup instead of four dependent comparisons. The table is built on the host
-(``code_tables.fourbit_bucket_table``) and read from shared memory
+below[b]``, one lookup instead of four dependent comparisons. The table is built on the host from
+``code_tables`` (:func:`bucket_table`) with the same arithmetic, and read from shared memory
 (default) or, with ``Quantize4bitConfig(smem_table=False)``, through L1, which made the kernel
 26 % slower on an H100 (``tools/notes_quant.md``, Run 7). ``|xn| <= 1 + 2**-22`` except in blocks
 with a zero, non-finite or tiny absmax; only tiles holding such a block pay for the NaN fix and a
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..code_tables import fourbit_bucket_table, get_4bit_code
+from ..code_tables import FP4_RANK_TO_CODE, FP4_THRESHOLDS, code_midpoints, get_4bit_code
 from ._constants import to_device_constant
 from .blockwise import (
     block_absmax,
@@ -43,6 +43,8 @@ from .blockwise import (
 )
 
 __all__ = [
+    "BUCKETS",
+    "bucket_of",
     "bucket_table",
     "code_table",
     "quantize_4bit",
@@ -51,10 +53,46 @@ __all__ = [
     "Dequantize4bitConfig",
 ]
 
+BUCKETS = 64
+V_MIN, V_MAX = -1.9375, 1.9375  # the kernel clamps xn to this range where it may be infinite
+
+
+def bucket_of(v: torch.Tensor) -> torch.Tensor:
+    """Host version of the kernel's bucket function (fp32 in, int64 bucket out): the product and
+    sum are exact in float64, ``torch.round`` rounds half to even as the kernel's fma does."""
+    return torch.round(v.float().clamp(V_MIN, V_MAX).double() * 16.0 + 32.0).to(torch.int64)
+
+
+def _thresholds(quant_type: str) -> tuple[torch.Tensor, list[int]]:
+    """Ascending fp32 decision thresholds and the code of each rank (0..len(thresholds))."""
+    if quant_type == "nf4":
+        return code_midpoints(get_4bit_code("nf4")), list(range(16))
+    return torch.tensor(FP4_THRESHOLDS, dtype=torch.float32), list(FP4_RANK_TO_CODE)
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_table_cpu(quant_type: str) -> torch.Tensor:
+    thresholds, rank_code = _thresholds(quant_type)
+    buckets = bucket_of(thresholds)
+    if buckets.unique().numel() != buckets.numel():
+        raise AssertionError(f"{quant_type}: two thresholds share a bucket; the kernel needs at most one")
+    thr = torch.full((BUCKETS,), float("inf"), dtype=torch.float32)
+    codes = torch.zeros(BUCKETS, dtype=torch.int64)
+    for b in range(BUCKETS):
+        below = int((buckets < b).sum())  # thresholds below any value of bucket b
+        inside = (buckets == b).nonzero().flatten()
+        above = below
+        if inside.numel():
+            thr[b] = thresholds[inside[0]]
+            above = below + 1
+        codes[b] = rank_code[below] | (rank_code[above] << 4)
+    return thr.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (codes << 32)
+
+
 def bucket_table(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
     """int64 ``[64]``: low word the fp32 bits of the bucket's threshold (+inf if none), high word
     ``below | above << 4`` (the 4-bit codes on either side of it)."""
-    return to_device_constant(fourbit_bucket_table(quant_type), device)
+    return to_device_constant(_bucket_table_cpu(quant_type), device)
 
 
 @functools.lru_cache(maxsize=None)
