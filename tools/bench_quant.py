@@ -307,13 +307,29 @@ def sweep(copy_bw: float, shapes=SWEEP_SHAPES) -> list[benchlib.Row]:
     return rows
 
 
+def profile(op: str) -> None:
+    """Launch one quantize kernel a few times on 28672x8192 with its default configuration, tables
+    cached (for ``ncu -k regex:_<op>_kernel``)."""
+    case = Case((28672, 8192))
+    launch = case.kernel_calls()[op]
+    for _ in range(3):
+        launch()
+    torch.cuda.synchronize()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = benchlib.cli_parser(__doc__, "bench_quant.json")
     parser.add_argument("--check", action="store_true", help="compare with the reference and bitsandbytes first")
     parser.add_argument("--sweep", action="store_true", help="also time launch-configuration variants")
+    parser.add_argument(
+        "--profile", choices=("quantize_4bit", "quantize_blockwise"), help="only launch one kernel (for ncu)"
+    )
     args = parser.parse_args(argv)
     if benchlib.cuda_missing("bench_quant"):
         return 2
+    if args.profile:
+        profile(args.profile)
+        return 0
     ok = check() if args.check else True
     copy_bw, meta = benchlib.device_setup()
     rows = sweep(copy_bw) if args.sweep else []
