@@ -27,9 +27,7 @@ stage inductor_gpu_tests 110 python3 -m pytest -q -p no:cacheprovider tests/test
 stage kernel_gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py tests/test_kernels_optim.py tests/test_kernels_gemm.py -k "(gpu or capture or device_scalars or inplace_step) and not 2_31"
 stage quant_sweep 420 bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py -k 'configs or search or exact_codes or arbitrary' && python3 tools/bench_quant.py --check --sweep --json $out/quant_sweep.json"
 ncu_sections="--section SpeedOfLight --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats"
-for op in quantize_blockwise quantize_4bit; do
-    # the third launch of the kernel: the first compiles it (and builds the 8-bit tables, cached)
-    stage quant_profile 90 bash -c "ncu --launch-skip 2 --launch-count 1 -k regex:_${op}_kernel $ncu_sections python3 tools/bench_quant.py --profile $op > $out/ncu_$op.log 2>&1; tail -n 80 $out/ncu_$op.log"
-done
+# the third launch of each kernel: the first compiles it (and builds the 8-bit tables, cached)
+stage quant_profile 180 bash -c "for op in quantize_blockwise quantize_4bit; do ncu --launch-skip 2 --launch-count 1 -k regex:_\${op}_kernel $ncu_sections python3 tools/bench_quant.py --profile \$op; done"
 stage bench_optim_e2e 120 python3 tools/bench_e2e.py --skip-decode --json "$out/bench_optim_e2e.json"
 stage bench_decode 420 python3 tools/bench_e2e.py --skip-optim --layers "${DECODE_LAYERS:-8}" --steps 32 --kernels --json "$out/bench_decode.json"

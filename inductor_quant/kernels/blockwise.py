@@ -209,11 +209,12 @@ def _quantize_blockwise_kernel(
             if SEARCH == "bucket_shared":
                 # the 512 midpoints as one register tensor: tl.gather reads them from shared memory
                 mids = tl.load(mid_ptr + tl.arange(0, MIDS))
-                for p in tl.static_range(PROBES):
-                    q += ((tl.gather(mids, base + p, 0) - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
-            else:
-                for p in tl.static_range(PROBES):
-                    q += ((tl.load(mid_ptr + base + p) - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+            for p in tl.static_range(PROBES):
+                if SEARCH == "bucket_shared":
+                    mid = tl.gather(mids, base + p, 0)
+                else:
+                    mid = tl.load(mid_ptr + base + p)
+                q += ((mid - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
         for p in range(PROBES, tl.load(fullest_ptr)):
             q += (xn > tl.load(mid_ptr + tl.minimum(base + p, MIDS - 1))).to(tl.int32)
     else:
