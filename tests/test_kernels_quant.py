@@ -228,33 +228,6 @@ def test_4bit_quantize_configs_match_reference(config, dtype, offset, blocksize,
     check_quantize_4bit(A, blocksize, quant_type, config=config)
 
 
-@pytest.mark.parametrize("programs_per_sm", [1, 3])
-@pytest.mark.parametrize("op", ["quantize_blockwise", "quantize_4bit"])
-def test_persistent_quantize_matches_reference(op, programs_per_sm):
-    """The grid-stride form of both quantize kernels: each program loops over several full tiles
-    (the first with special blocks), loading the next while encoding the current, and one of them
-    also takes the partial last tile."""
-    blocksize = 256 if op == "quantize_blockwise" else 64
-    if op == "quantize_blockwise":
-        config = k8.QuantizeBlockwiseConfig(programs_per_sm=programs_per_sm)
-    else:
-        config = k4.Quantize4bitConfig(programs_per_sm=programs_per_sm)
-    tile = k4._tile(torch.empty(0, device=DEVICE), config.tile, blocksize)
-    programs = programs_per_sm * k8.num_sms(torch.device(DEVICE))
-    n = (2 * programs + 2) * tile + 3 * blocksize + 5  # 2-3 full tiles per program, then a partial one
-    A = random_input(n, torch.bfloat16, blocksize, True, device=DEVICE)
-    if op == "quantize_blockwise":
-        check_quantize_blockwise(A, dynamic_map(device=DEVICE), blocksize, config)
-    else:
-        check_quantize_4bit(A, blocksize, "nf4", config=config)
-
-
-def test_quantize_configs_reject_negative_programs_per_sm():
-    for config_class in (k8.QuantizeBlockwiseConfig, k4.Quantize4bitConfig):
-        with pytest.raises(ValueError, match="programs_per_sm must be a non-negative int, got -1"):
-            config_class(programs_per_sm=-1)
-
-
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_bucket_table_equals_threshold_count(quant_type):
     """The kernel's bucket lookup, emulated in torch, equals the reference on every threshold,

@@ -256,9 +256,6 @@ def sweep_variants():
         dict(tile=8192, num_warps=8),
         dict(tile=2048, num_warps=2),
         dict(tile=4096, num_warps=4, smem_table=False),
-        dict(tile=2048, num_warps=2, programs_per_sm=8),
-        dict(tile=2048, num_warps=2, programs_per_sm=10),
-        dict(tile=1024, num_warps=1, programs_per_sm=20),
     ):
         cfg = k4.Quantize4bitConfig(**kw)
         variants.append(
@@ -275,9 +272,6 @@ def sweep_variants():
         dict(tile=1024, num_warps=2, search="bucket_shared"),
         dict(tile=2048, num_warps=4, search="bucket_shared"),
         dict(tile=4096, num_warps=4, search="bucket_shared"),
-        dict(tile=512, num_warps=1, programs_per_sm=16),
-        dict(tile=512, num_warps=1, programs_per_sm=21),
-        dict(tile=1024, num_warps=2, programs_per_sm=10),
     ):
         cfg = k8.QuantizeBlockwiseConfig(**kw)
         variants.append(

@@ -80,8 +80,7 @@ def _quantize_blockwise_preset() -> Preset:
         kernel="inductor_quant.kernels.blockwise._quantize_blockwise_kernel",
         signature={**pointers, "n": "i64"},
         constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, SEARCH=config.search,
-                        KEY_SHIFT=config.key_shift, BUCKETS=config.buckets, PROBES=config.probes,
-                        PERSISTENT=config.programs_per_sm > 0),
+                        KEY_SHIFT=config.key_shift, BUCKETS=config.buckets, PROBES=config.probes),
         num_warps=config.num_warps,
         codes_per_iteration=config.tile // (32 * config.num_warps),  # elements per thread
         aligned=(*pointers, "n"),
@@ -99,8 +98,7 @@ def _quantize_4bit_preset(smem_table: bool = True) -> Preset:
     return Preset(
         kernel="inductor_quant.kernels.fourbit._quantize_4bit_kernel",
         signature=signature,
-        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table,
-                        PERSISTENT=config.programs_per_sm > 0),
+        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table),
         num_warps=config.num_warps,
         codes_per_iteration=config.tile // (32 * config.num_warps),  # elements per thread
         aligned=tuple(signature),

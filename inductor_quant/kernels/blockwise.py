@@ -164,19 +164,29 @@ def _search_tables_kernel(
 
 
 @triton.jit
-def _encode_blockwise_tile(
-    x, tile, remaining, mid_ptr, first_ptr, fullest, q_ptr, absmax_ptr,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SEARCH: tl.constexpr,
-    KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr, PROBES: tl.constexpr,
+def _quantize_blockwise_kernel(
+    x_ptr,
+    mid_ptr,
+    first_ptr,
+    fullest_ptr,
+    q_ptr,
+    absmax_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    SEARCH: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    BUCKETS: tl.constexpr,
+    PROBES: tl.constexpr,
 ):
-    """Quantize one loaded tile ``x`` (``ROWS * BLOCKSIZE`` elements, ``remaining`` of them real)
-    and store its codes and block absmax."""
     TILE: tl.constexpr = ROWS * BLOCKSIZE
     MIDS: tl.constexpr = 2 * CODE_ENTRIES
+    tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
     start = tile * TILE
+    remaining = tl.minimum(n - start, TILE).to(tl.int32)
     offs = tl.arange(0, TILE)
     rows = tl.arange(0, ROWS)
-    x = tl.reshape(x.to(tl.float32), [ROWS, BLOCKSIZE])
+    x = tl.reshape(load_tile(x_ptr, start, remaining, offs, TILE).to(tl.float32), [ROWS, BLOCKSIZE])
     absmax = block_absmax(x)
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     xn, special = normalize_blocks_split(x, absmax)
@@ -205,68 +215,13 @@ def _encode_blockwise_tile(
                 else:
                     mid = tl.load(mid_ptr + base + p)
                 q += ((mid - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
-        for p in range(PROBES, fullest):
+        for p in range(PROBES, tl.load(fullest_ptr)):
             q += (xn > tl.load(mid_ptr + tl.minimum(base + p, MIDS - 1))).to(tl.int32)
     else:
         q = tl.zeros([TILE], tl.int32)
         for level in tl.static_range(8):
             q += tl.where(xn > tl.load(mid_ptr + q + ((128 >> level) - 1)), 128 >> level, 0)
     store_tile(q_ptr, start, remaining, offs, q.to(tl.uint8), TILE)
-
-
-@triton.jit
-def _quantize_blockwise_kernel(
-    x_ptr,
-    mid_ptr,
-    first_ptr,
-    fullest_ptr,
-    q_ptr,
-    absmax_ptr,
-    n,
-    BLOCKSIZE: tl.constexpr,
-    ROWS: tl.constexpr,
-    SEARCH: tl.constexpr,
-    KEY_SHIFT: tl.constexpr,
-    BUCKETS: tl.constexpr,
-    PROBES: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-):
-    """One tile per program, or (``PERSISTENT``) a grid-stride loop over the full tiles that loads
-    the next tile before encoding the current one, so a program's loads overlap its own lookups;
-    the partial last tile goes to the program whose turn it would be."""
-    TILE: tl.constexpr = ROWS * BLOCKSIZE
-    offs = tl.arange(0, TILE)
-    fullest = tl.load(fullest_ptr)
-    if PERSISTENT:
-        pid = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
-        step = tl.num_programs(0).to(tl.int64)
-        full_tiles = n // TILE
-        x = tl.load(x_ptr + pid * TILE + offs, mask=pid < full_tiles)
-        for tile in range(pid, full_tiles, step):
-            following = tile + step
-            x_following = tl.load(x_ptr + following * TILE + offs, mask=following < full_tiles)
-            _encode_blockwise_tile(
-                x, tile, TILE, mid_ptr, first_ptr, fullest, q_ptr, absmax_ptr,
-                BLOCKSIZE, ROWS, SEARCH, KEY_SHIFT, BUCKETS, PROBES,
-            )
-            x = x_following
-        start = full_tiles * TILE
-        if pid == full_tiles % step and start < n:
-            remaining = (n - start).to(tl.int32)
-            x = tl.load(x_ptr + start + offs, mask=offs < remaining, other=0.0)
-            _encode_blockwise_tile(
-                x, full_tiles, remaining, mid_ptr, first_ptr, fullest, q_ptr, absmax_ptr,
-                BLOCKSIZE, ROWS, SEARCH, KEY_SHIFT, BUCKETS, PROBES,
-            )
-    else:
-        tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
-        start = tile * TILE
-        remaining = tl.minimum(n - start, TILE).to(tl.int32)
-        x = load_tile(x_ptr, start, remaining, offs, TILE)
-        _encode_blockwise_tile(
-            x, tile, remaining, mid_ptr, first_ptr, fullest, q_ptr, absmax_ptr,
-            BLOCKSIZE, ROWS, SEARCH, KEY_SHIFT, BUCKETS, PROBES,
-        )
 
 
 @triton.jit
@@ -319,9 +274,7 @@ class QuantizeBlockwiseConfig:
     ``tools/bench_quant.py --sweep``, not yet timed; needs 2+ warps, since under one warp Triton
     gathers through shuffles);
     ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
-    ``probes``: unrolled in-bucket comparisons (more run in a loop when a bucket holds more);
-    ``programs_per_sm``: 0 for one program per tile, else a persistent grid of that many programs
-    per SM, each loading its next tile while it encodes the current one.
+    ``probes``: unrolled in-bucket comparisons (more run in a loop when a bucket holds more).
     """
 
     def __init__(
@@ -332,11 +285,8 @@ class QuantizeBlockwiseConfig:
         key_shift: int = 17,
         buckets: int = 16384,
         probes: int = 1,
-        programs_per_sm: int = 0,
     ) -> None:
         check_launch_shape(tile, num_warps)
-        if not (isinstance(programs_per_sm, int) and programs_per_sm >= 0):
-            raise ValueError(f"programs_per_sm must be a non-negative int, got {programs_per_sm!r}")
         if search not in ("bucket", "bucket_shared", "bsearch"):
             raise ValueError(f"search must be 'bucket', 'bucket_shared' or 'bsearch', got {search!r}")
         if buckets & (buckets - 1):
@@ -350,13 +300,11 @@ class QuantizeBlockwiseConfig:
         self.key_shift = key_shift
         self.buckets = buckets
         self.probes = probes
-        self.programs_per_sm = programs_per_sm
 
     def __repr__(self) -> str:
         return (
             f"QuantizeBlockwiseConfig(tile={self.tile}, num_warps={self.num_warps}, search={self.search!r}, "
-            f"key_shift={self.key_shift}, buckets={self.buckets}, probes={self.probes}, "
-            f"programs_per_sm={self.programs_per_sm})"
+            f"key_shift={self.key_shift}, buckets={self.buckets}, probes={self.probes})"
         )
 
 
@@ -496,12 +444,9 @@ def quantize_blockwise(
     tile = max(_INTERPRETER_TILE if _is_interpreted(A) else config.tile, blocksize)
     # a block larger than the configured tile keeps the configured elements per warp
     num_warps = min(16, config.num_warps * max(1, tile // config.tile))
-    grid = -(-n // tile)
-    if config.programs_per_sm:
-        grid = min(grid, config.programs_per_sm * num_sms(A.device))
     with device_guard(A):
         mid, first, fullest = _search_tables(code, config)
-        _quantize_blockwise_kernel[(grid,)](
+        _quantize_blockwise_kernel[(-(-n // tile),)](
             A,
             mid,
             first,
@@ -515,7 +460,6 @@ def quantize_blockwise(
             KEY_SHIFT=config.key_shift,
             BUCKETS=config.buckets,
             PROBES=config.probes,
-            PERSISTENT=config.programs_per_sm > 0,
             num_warps=num_warps,
         )
 

@@ -39,7 +39,6 @@ from .blockwise import (
     device_guard,
     load_tile,
     normalize_blocks_split,
-    num_sms,
     store_tile,
 )
 
@@ -144,65 +143,29 @@ def _into_table_range(xn, special):
 
 
 @triton.jit
-def _encode_4bit_tile(
-    x, tile, remaining, table_ptr, table, packed_ptr, absmax_ptr,
+def _quantize_4bit_kernel(
+    x_ptr, table_ptr, packed_ptr, absmax_ptr, n,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr,
 ):
-    """Quantize one loaded ``[ROWS, BLOCKSIZE]`` tile ``x`` (``remaining`` elements real) and store
-    its packed codes and block absmax."""
+    """Any float dtype, any ``n``: one ``[ROWS, BLOCKSIZE]`` tile of elements per program."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     TILE: tl.constexpr = ROWS * BLOCKSIZE
+    tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
+    start = tile * TILE
+    remaining = tl.minimum(n - start, TILE).to(tl.int32)
     rows = tl.arange(0, ROWS)
-    x = x.to(tl.float32)
+    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    x = load_tile(x_ptr, start, remaining, offs, TILE).to(tl.float32)
     absmax = block_absmax(x)
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     xn, special = normalize_blocks_split(x, absmax)
     xn = _into_table_range(xn, special)
+    table = tl.load(table_ptr + tl.arange(0, 64))  # used by the shared-memory gather only (else eliminated)
     q = _codes(xn, table_ptr, table, FP4, SMEM_TABLE)
     hi, lo = tl.split(tl.reshape(q, [ROWS, HALF, 2]))
     packed = ((hi << 4) | lo).to(tl.uint8)
     byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
     store_tile(packed_ptr, tile * (TILE // 2), (remaining + 1) // 2, byte_offs, packed, TILE // 2)
-
-
-@triton.jit
-def _quantize_4bit_kernel(
-    x_ptr, table_ptr, packed_ptr, absmax_ptr, n,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-):
-    """Any float dtype, any ``n``: one ``[ROWS, BLOCKSIZE]`` tile of elements per program, or
-    (``PERSISTENT``) a grid-stride loop over the full tiles that loads the next tile before encoding
-    the current one; the partial last tile goes to the program whose turn it would be."""
-    TILE: tl.constexpr = ROWS * BLOCKSIZE
-    offs = tl.arange(0, ROWS)[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    table = tl.load(table_ptr + tl.arange(0, 64))  # used by the shared-memory gather only (else eliminated)
-    if PERSISTENT:
-        pid = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
-        step = tl.num_programs(0).to(tl.int64)
-        full_tiles = n // TILE
-        x = tl.load(x_ptr + pid * TILE + offs, mask=pid < full_tiles)
-        for tile in range(pid, full_tiles, step):
-            following = tile + step
-            x_following = tl.load(x_ptr + following * TILE + offs, mask=following < full_tiles)
-            _encode_4bit_tile(
-                x, tile, TILE, table_ptr, table, packed_ptr, absmax_ptr, BLOCKSIZE, ROWS, FP4, SMEM_TABLE
-            )
-            x = x_following
-        start = full_tiles * TILE
-        if pid == full_tiles % step and start < n:
-            remaining = (n - start).to(tl.int32)
-            x = tl.load(x_ptr + start + offs, mask=offs < remaining, other=0.0)
-            _encode_4bit_tile(
-                x, full_tiles, remaining, table_ptr, table, packed_ptr, absmax_ptr,
-                BLOCKSIZE, ROWS, FP4, SMEM_TABLE,
-            )
-    else:
-        tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
-        start = tile * TILE
-        remaining = tl.minimum(n - start, TILE).to(tl.int32)
-        x = load_tile(x_ptr, start, remaining, offs, TILE)
-        _encode_4bit_tile(x, tile, remaining, table_ptr, table, packed_ptr, absmax_ptr, BLOCKSIZE, ROWS, FP4, SMEM_TABLE)
 
 
 @triton.jit
@@ -245,25 +208,17 @@ def _dequantize_4bit_kernel(
 
 
 class Quantize4bitConfig:
-    """Launch parameters of the 4-bit quantize kernel: input elements per program, warps,
-    whether the bucket table is read from shared memory (``tl.gather``) or through L1, and
-    ``programs_per_sm``: 0 for one program per tile, else a persistent grid of that many programs
-    per SM, each loading its next tile while it encodes the current one."""
+    """Launch parameters of the 4-bit quantize kernel: input elements per program, warps, and
+    whether the bucket table is read from shared memory (``tl.gather``) or through L1."""
 
-    def __init__(self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True, programs_per_sm: int = 0) -> None:
+    def __init__(self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True) -> None:
         check_launch_shape(tile, num_warps)
-        if not (isinstance(programs_per_sm, int) and programs_per_sm >= 0):
-            raise ValueError(f"programs_per_sm must be a non-negative int, got {programs_per_sm!r}")
         self.tile = tile
         self.num_warps = num_warps
         self.smem_table = smem_table
-        self.programs_per_sm = programs_per_sm
 
     def __repr__(self) -> str:
-        return (
-            f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table}, "
-            f"programs_per_sm={self.programs_per_sm})"
-        )
+        return f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table})"
 
 
 class Dequantize4bitConfig:
@@ -333,11 +288,8 @@ def quantize_4bit(
     config = config or _DEFAULT_QUANTIZE
     tile = _tile(A, config.tile, blocksize)
     table, _ = _device_tables(quant_type, A.device)
-    grid = -(-n // tile)
-    if config.programs_per_sm:
-        grid = min(grid, config.programs_per_sm * num_sms(A.device))
     with device_guard(A):
-        _quantize_4bit_kernel[(grid,)](
+        _quantize_4bit_kernel[(-(-n // tile),)](
             A,
             table,
             out_bytes,
@@ -347,7 +299,6 @@ def quantize_4bit(
             ROWS=tile // blocksize,
             FP4=quant_type == "fp4",
             SMEM_TABLE=config.smem_table,
-            PERSISTENT=config.programs_per_sm > 0,
             num_warps=config.num_warps,
         )
 
