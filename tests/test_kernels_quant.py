@@ -180,7 +180,7 @@ ROUNDTRIP = dict(  # the inputs both round-trip tests draw
 @given(
     **ROUNDTRIP,
     signed=st.booleans(),
-    search=st.sampled_from(("bucket", "bucket_shared", "bsearch")),
+    search=st.sampled_from(("bucket", "slots", "bsearch")),
     specials=st.booleans(),
 )
 def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, signed, search, specials):
@@ -257,7 +257,7 @@ def test_4bit_bucket_table_equals_threshold_count(quant_type):
     assert torch.equal(q.long(), ref4.quantize_4bit_codes(values, quant_type))
 
 
-@pytest.mark.parametrize("search", ["bucket", "bucket_shared", "bsearch"])
+@pytest.mark.parametrize("search", ["bucket", "slots", "bsearch"])
 def test_blockwise_arbitrary_tables(search):
     """Any sorted 256-entry table: one whose midpoints crowd into a single bucket (the run-time
     probe loop), one with repeated entries and signed zeros, and a uniform one."""
@@ -275,27 +275,48 @@ def test_blockwise_arbitrary_tables(search):
 @pytest.mark.parametrize(
     "config",
     [k8.QuantizeBlockwiseConfig(), k8.QuantizeBlockwiseConfig(key_shift=19, buckets=4096, probes=3),
-     k8.QuantizeBlockwiseConfig(key_shift=21, buckets=1024)],
+     k8.QuantizeBlockwiseConfig(key_shift=21, buckets=1024),
+     k8.QuantizeBlockwiseConfig(search="slots", key_shift=19, buckets=4096),
+     k8.QuantizeBlockwiseConfig(search="slots", key_shift=21, buckets=1024)],
     ids=repr,
 )
 def test_8bit_search_tables_equal_a_bucket_count(config):
     """The table launch (buckets split over programs) against a torch count: ``mid`` the padded
-    midpoints, ``first[b]`` the midpoints in buckets below ``b``, ``fullest`` the largest bucket,
-    for the signed and unsigned dynamic maps and a map whose midpoints crowd into one bucket."""
+    midpoints, ``first[b]`` the midpoints in buckets below ``b``, the fullest bucket's count, and
+    for "slots" each bucket's first three sub-positions and whether some bucket is undecidable
+    (more than three midpoints, or two with one sub-position); for the signed and unsigned dynamic
+    maps, a map whose midpoints crowd into one bucket, and one with repeated entries."""
     crowded = torch.sort(0.5 + 0.01 * torch.rand(256))[0]
     crowded[0], crowded[-1] = -1.0, 1.0
-    for code in (dynamic_map(), dynamic_map(signed=False), crowded):
-        tables = torch.full((k8._TABLE_BYTES + config.buckets,), POISON, dtype=torch.uint8, device=DEVICE)
-        mid, first, fullest = k8._split_tables(k8._build_search_tables(code.to(DEVICE), config, tables), config)
+    repeated = torch.sort(torch.cat([torch.linspace(-1, 1, 254), torch.tensor([0.25, 0.25])]))[0]
+    for code in (dynamic_map(), dynamic_map(signed=False), crowded, repeated):
+        nbytes = k8._TABLE_BYTES + config.buckets * config.entry_bytes
+        tables = torch.full((nbytes,), POISON, dtype=torch.uint8, device=DEVICE)
+        mid, counters, first = k8._split_tables(k8._build_search_tables(code.to(DEVICE), config, tables), config)
         expected_mid = torch.cat([code_midpoints(code), torch.full((257,), float("inf"))])
         expected_mid = torch.where(expected_mid == 0, 0.0, expected_mid)
         bits = expected_mid[:256].view(torch.int32)
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         bucket = ((key >> config.key_shift) + config.buckets // 2).clamp(0, config.buckets - 1)
         expected_first = (bucket[None, :] < torch.arange(config.buckets)[:, None]).sum(1)
+        count = torch.bincount(bucket, minlength=config.buckets)
         assert torch.equal(mid.cpu(), expected_mid)
-        assert torch.equal(first.cpu().long(), expected_first)
-        assert fullest.item() == torch.bincount(bucket).max().item()
+        assert counters[0].item() == count.max().item()
+        entry = first.cpu().long() & 0xFFFFFFFF
+        if config.search != "slots":
+            assert torch.equal(entry, expected_first)
+            continue
+        assert torch.equal(entry >> 24, expected_first)
+        sub = (key >> (config.key_shift - 7)) & 127
+        undecidable = bool((count > 3).any())
+        for k in range(3):
+            has_k = count > k
+            slot = torch.where(has_k, sub[(expected_first + k).clamp(max=255)], 127)
+            assert torch.equal(127 - ((entry >> (8 * k)) & 255), slot)
+            if k:
+                undecidable |= bool((has_k & (slot == previous)).any())
+            previous = slot
+        assert counters[1].item() == int(undecidable)
 
 
 @pytest.mark.parametrize(
@@ -315,7 +336,7 @@ def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
         k8.QuantizeBlockwiseConfig(key_shift=17, buckets=8192)
 
 
-@pytest.mark.parametrize("search", ["bucket", "bucket_shared", "bsearch"])
+@pytest.mark.parametrize("search", ["bucket", "slots", "bsearch"])
 def test_blockwise_exact_codes_and_midpoints(search):
     """Every code value maps to itself; every exact midpoint maps to the lower code, its next fp32
     value above to the upper one; on full tiles (the kernel's fast path) and a partial one."""

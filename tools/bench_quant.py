@@ -269,9 +269,9 @@ def sweep_variants():
         dict(tile=512, num_warps=1, key_shift=18, buckets=8192, probes=2),
         dict(tile=512, num_warps=1, key_shift=16, buckets=32768),
         dict(tile=2048, num_warps=4, search="bsearch"),
-        dict(tile=1024, num_warps=2, search="bucket_shared"),
-        dict(tile=2048, num_warps=4, search="bucket_shared"),
-        dict(tile=4096, num_warps=4, search="bucket_shared"),
+        dict(tile=512, num_warps=1, search="slots", key_shift=19, buckets=4096),
+        dict(tile=1024, num_warps=2, search="slots", key_shift=19, buckets=4096),
+        dict(tile=512, num_warps=1, search="slots", key_shift=18, buckets=8192),
     ):
         cfg = k8.QuantizeBlockwiseConfig(**kw)
         variants.append(

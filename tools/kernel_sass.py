@@ -74,7 +74,7 @@ def _quantize_blockwise_preset() -> Preset:
 
     config = blockwise.QuantizeBlockwiseConfig()
     blocksize = 256
-    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32", q_ptr="*u8",
+    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr="*u8", counters_ptr="*i32", q_ptr="*u8",
                     absmax_ptr="*fp32")
     return Preset(
         kernel="inductor_quant.kernels.blockwise._quantize_blockwise_kernel",
@@ -112,12 +112,12 @@ def _search_tables_preset() -> Preset:
     config = blockwise.QuantizeBlockwiseConfig()
     return Preset(
         kernel="inductor_quant.kernels.blockwise._search_tables_kernel",
-        signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32"),
+        signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr="*u8", counters_ptr="*i32"),
         constexprs=dict(KEY_SHIFT=config.key_shift, BUCKETS=config.buckets,
-                        BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM),
+                        BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM, SLOTS=False),
         num_warps=4,
         codes_per_iteration=0,
-        aligned=("code_ptr", "mid_ptr", "first_ptr", "fullest_ptr"),
+        aligned=("code_ptr", "mid_ptr", "first_ptr", "counters_ptr"),
         scope="kernel",
     )
 
