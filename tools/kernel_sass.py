@@ -72,9 +72,10 @@ def _gemv_preset() -> Preset:
 def _quantize_blockwise_preset() -> Preset:
     from inductor_quant.kernels import blockwise
 
-    config = blockwise.QuantizeBlockwiseConfig()
+    config = blockwise._DEFAULT_QUANTIZE
     blocksize = 256
-    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr="*u8", counters_ptr="*i32", q_ptr="*u8",
+    entry = "*i32" if config.entry_bytes == 4 else "*u8"
+    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr=entry, counters_ptr="*i32", q_ptr="*u8",
                     absmax_ptr="*fp32")
     return Preset(
         kernel="inductor_quant.kernels.blockwise._quantize_blockwise_kernel",
@@ -109,12 +110,13 @@ def _quantize_4bit_preset(smem_table: bool = True) -> Preset:
 def _search_tables_preset() -> Preset:
     from inductor_quant.kernels import blockwise
 
-    config = blockwise.QuantizeBlockwiseConfig()
+    config = blockwise._DEFAULT_QUANTIZE
+    entry = "*i32" if config.entry_bytes == 4 else "*u8"
     return Preset(
         kernel="inductor_quant.kernels.blockwise._search_tables_kernel",
-        signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr="*u8", counters_ptr="*i32"),
+        signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr=entry, counters_ptr="*i32"),
         constexprs=dict(KEY_SHIFT=config.key_shift, BUCKETS=config.buckets,
-                        BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM, SLOTS=False),
+                        BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM, SLOTS=config.search == "slots"),
         num_warps=4,
         codes_per_iteration=0,
         aligned=("code_ptr", "mid_ptr", "first_ptr", "counters_ptr"),

@@ -403,7 +403,7 @@ def _is_interpreted(t: torch.Tensor) -> bool:
 # and 405 µs with 16 (three); the 16 KB bucket table stays in L1. Coarser tables only paid off
 # while the table build was a slow one-program histogram. 512 elements per one-warp program: 294 µs
 # vs 305 (1024, 2 warps) and 318 (2048, 4 warps) on 28672x8192, best on the smaller shapes too.
-_DEFAULT_QUANTIZE = QuantizeBlockwiseConfig()
+_DEFAULT_QUANTIZE = QuantizeBlockwiseConfig(search="slots", key_shift=19, buckets=4096)
 # H100 sweeps (two runs): 1024 elements / 4 warps 22.5-22.9 µs on 4096x4096, 242.5-243.0 µs on
 # 28672x8192 (8192 / 4 warps: 23.8 and 244.2).
 _DEFAULT_DEQUANTIZE = DequantizeBlockwiseConfig()
