@@ -171,14 +171,13 @@ def _search_tables_kernel(
     count = tl.sum(in_bucket.to(tl.int32), axis=1)
     # Below any bucket lie at most 255 midpoints (the +inf pad sits in the last bucket): fits a byte.
     if SLOTS:
-        sub_j = (key_j >> (KEY_SHIFT - SUB_BITS)) & 127
-        rank = j[None, :] - first[:, None]  # a midpoint's place in its bucket
         entry = first << 24
         previous = tl.full([BUCKETS_PER_PROGRAM], -1, tl.int32)
         undecidable = count > 3
         for k in tl.static_range(3):
-            slot = tl.sum(tl.where(in_bucket & (rank == k), sub_j[None, :], 0), axis=1)
-            slot = tl.where(count > k, slot, 127)
+            # the bucket's k-th midpoint is midpoint first + k
+            sub = (_order_key(_midpoints(code_ptr, first + k)) >> (KEY_SHIFT - SUB_BITS)) & 127
+            slot = tl.where(count > k, sub, 127)
             undecidable |= (count > k) & (slot == previous)
             entry |= (127 - slot) << (8 * k)
             previous = slot
