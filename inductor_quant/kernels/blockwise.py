@@ -158,9 +158,10 @@ def _search_tables_kernel(
     ``[buckets, 256]`` comparison: no histogram, so the buckets split over many small programs that
     each load the map once): a uint8, or with ``SLOTS`` the top byte of an int32 whose bytes 0-2
     hold ``127 - slot_k``, ``slot_k`` the sub-position of the bucket's ``k``-th midpoint
-    (:data:`SUB_BITS` key bits below the bucket's; 127 for an unused slot). ``counters`` (two int32, zero before the launch): the largest number of
-    midpoints in one bucket, and (``SLOTS``) 1 when some bucket has more than three midpoints or two
-    of them with one sub-position, so that the slots cannot decide; maximized over programs by atomics.
+    (:data:`SUB_BITS` key bits below the bucket's; 127 for an unused slot). ``counters`` (two
+    int32, zero before the launch): the largest number of midpoints in one bucket, and (``SLOTS``)
+    1 when some bucket has more than three midpoints or two of them with one sub-position, so that
+    the slots cannot decide; maximized over programs by atomics.
     Program 0 also writes ``mid`` (512 fp32 midpoints padded with +inf)."""
     j = tl.arange(0, CODE_ENTRIES)
     key_j = _order_key(_midpoints(code_ptr, j))
@@ -485,7 +486,8 @@ def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple
     def build() -> torch.Tensor:
         return _build_search_tables(code, config, to_device_constant(torch.empty(nbytes, dtype=torch.uint8), code.device))
 
-    return _split_tables(_TABLE_CACHE.get((code,), build, extra=(config.key_shift, config.buckets, config.entry_bytes)), config)
+    tables = _TABLE_CACHE.get((code,), build, extra=(config.key_shift, config.buckets, config.entry_bytes))
+    return _split_tables(tables, config)
 
 
 def quantize_blockwise(
