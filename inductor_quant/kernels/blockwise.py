@@ -331,7 +331,9 @@ class QuantizeBlockwiseConfig:
     elements (scaled up with the tile when a block is larger); ``search``: "bucket" (a uint8 bucket
     table, then the bucket's midpoints probed), "slots" (an int32 bucket entry that also places
     the bucket's first three midpoints to 7 key bits, so a midpoint is read only where an element
-    shares its sub-position) or "bsearch" (a binary search of the midpoints);
+    shares its sub-position; meant for 16 buckets per octave, ``key_shift=19, buckets=4096``; a
+    variant of ``tools/bench_quant.py --sweep`` not yet timed on a GPU) or "bsearch" (a binary
+    search of the midpoints);
     ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
     ``probes``: unrolled in-bucket comparisons of "bucket" (more run in a loop when a bucket
     holds more).
@@ -403,7 +405,7 @@ def _is_interpreted(t: torch.Tensor) -> bool:
 # and 405 µs with 16 (three); the 16 KB bucket table stays in L1. Coarser tables only paid off
 # while the table build was a slow one-program histogram. 512 elements per one-warp program: 294 µs
 # vs 305 (1024, 2 warps) and 318 (2048, 4 warps) on 28672x8192, best on the smaller shapes too.
-_DEFAULT_QUANTIZE = QuantizeBlockwiseConfig(search="slots", key_shift=19, buckets=4096)
+_DEFAULT_QUANTIZE = QuantizeBlockwiseConfig()
 # H100 sweeps (two runs): 1024 elements / 4 warps 22.5-22.9 µs on 4096x4096, 242.5-243.0 µs on
 # 28672x8192 (8192 / 4 warps: 23.8 and 244.2).
 _DEFAULT_DEQUANTIZE = DequantizeBlockwiseConfig()
