@@ -42,6 +42,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Two full tiles of the 8-bit quantize launch under the interpreter (many on a GPU): a tile with a
 # partial or special block takes the kernel's slow branch, so the fast one needs full tiles.
 FULL_8BIT_TILES = 2 * k8._INTERPRETER_TILE
+# the 8-bit searches: uint8 bucket table (default), int32 slot entries, binary search
+SEARCHES = ("bucket", "slots", "bsearch")
 SETTINGS = settings(max_examples=6 if HAS_CUDA else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -180,7 +182,7 @@ ROUNDTRIP = dict(  # the inputs both round-trip tests draw
 @given(
     **ROUNDTRIP,
     signed=st.booleans(),
-    search=st.sampled_from(("bucket", "slots", "bsearch")),
+    search=st.sampled_from(SEARCHES),
     specials=st.booleans(),
 )
 def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, signed, search, specials):
@@ -257,7 +259,7 @@ def test_4bit_bucket_table_equals_threshold_count(quant_type):
     assert torch.equal(q.long(), ref4.quantize_4bit_codes(values, quant_type))
 
 
-@pytest.mark.parametrize("search", ["bucket", "slots", "bsearch"])
+@pytest.mark.parametrize("search", SEARCHES)
 def test_blockwise_arbitrary_tables(search):
     """Any sorted 256-entry table: one whose midpoints crowd into a single bucket (the run-time
     probe loop), one with repeated entries and signed zeros, and a uniform one."""
@@ -336,7 +338,7 @@ def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
         k8.QuantizeBlockwiseConfig(key_shift=17, buckets=8192)
 
 
-@pytest.mark.parametrize("search", ["bucket", "slots", "bsearch"])
+@pytest.mark.parametrize("search", SEARCHES)
 def test_blockwise_exact_codes_and_midpoints(search):
     """Every code value maps to itself; every exact midpoint maps to the lower code, its next fp32
     value above to the upper one; on full tiles (the kernel's fast path) and a partial one."""
@@ -478,13 +480,17 @@ def test_gpu_ops_match_reference(shape, blocksize, dtype):
 
 @requires_cuda
 def test_gpu_search_variants_and_unsigned_map():
+    """Every search on both dynamic maps; slots also at 16 buckets per octave, where the unsigned
+    map's buckets do not fit the slots and every element is probed."""
     A = random_input(1 << 22, torch.bfloat16, 256, True, device="cuda")
+    configs = [k8.QuantizeBlockwiseConfig(search=search) for search in SEARCHES]
+    configs.append(k8.QuantizeBlockwiseConfig(search="slots", key_shift=19, buckets=4096))
     for signed in (True, False):
         code = dynamic_map(signed, device="cuda")
         x = A if signed else A.abs()
         ref_q, _ = ref8.quantize_blockwise(x, code, 256)
-        for search in ("bucket", "bsearch"):
-            q, _ = run_quantize_blockwise(x, code, 256, k8.QuantizeBlockwiseConfig(search=search))
+        for config in configs:
+            q, _ = run_quantize_blockwise(x, code, 256, config)
             assert_same(q, ref_q)
 
 

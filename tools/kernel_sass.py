@@ -69,14 +69,18 @@ def _gemv_preset() -> Preset:
     )
 
 
+def _bucket_entry_type(config) -> str:
+    """Triton pointer type of the 8-bit search tables' bucket entries."""
+    return "*i32" if config.entry_bytes == 4 else "*u8"
+
+
 def _quantize_blockwise_preset() -> Preset:
     from inductor_quant.kernels import blockwise
 
     config = blockwise._DEFAULT_QUANTIZE
     blocksize = 256
-    entry = "*i32" if config.entry_bytes == 4 else "*u8"
-    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr=entry, counters_ptr="*i32", q_ptr="*u8",
-                    absmax_ptr="*fp32")
+    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr=_bucket_entry_type(config), counters_ptr="*i32",
+                    q_ptr="*u8", absmax_ptr="*fp32")
     return Preset(
         kernel="inductor_quant.kernels.blockwise._quantize_blockwise_kernel",
         signature={**pointers, "n": "i64"},
@@ -111,10 +115,9 @@ def _search_tables_preset() -> Preset:
     from inductor_quant.kernels import blockwise
 
     config = blockwise._DEFAULT_QUANTIZE
-    entry = "*i32" if config.entry_bytes == 4 else "*u8"
     return Preset(
         kernel="inductor_quant.kernels.blockwise._search_tables_kernel",
-        signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr=entry, counters_ptr="*i32"),
+        signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr=_bucket_entry_type(config), counters_ptr="*i32"),
         constexprs=dict(KEY_SHIFT=config.key_shift, BUCKETS=config.buckets,
                         BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM, SLOTS=config.search == "slots"),
         num_warps=4,
