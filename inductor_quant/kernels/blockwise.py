@@ -202,15 +202,15 @@ def _count_below_slots(xn, key, entry, mid_ptr, KEY_SHIFT: tl.constexpr):
     The entry holds ``first`` in its top byte and ``127 - slot_k`` in byte ``k``, so one multiply-add
     compares the element's sub-position ``x`` with all three slots: byte ``k`` of ``d`` is
     ``x + 127 - slot_k`` (in [0, 254], so no carry crosses bytes), whose top bit says ``x > slot_k``;
-    one more per byte says ``x >= slot_k``."""
+    with one more per byte it says ``x >= slot_k``."""
     e = entry.to(tl.uint32, bitcast=True)
     x = ((key >> (KEY_SHIFT - SUB_BITS)) & 127).to(tl.uint32)
     d = x * 0x010101 + e
     above = d & 0x808080
-    at_or_above = (d + 0x010101) & 0x808080
     # the slots below x are a prefix (slots are sorted): the multiply sums bits 7, 15, 23 at bit 30
     q = ((d >> 24) + ((above * 0x808080) >> 30)).to(tl.int32)
-    mid = tl.load(mid_ptr + q, mask=at_or_above != above, other=float("inf"))
+    # x equals some slot where adding one more per byte flips a top bit
+    mid = tl.load(mid_ptr + q, mask=(((d + 0x010101) ^ d) & 0x808080) != 0, other=float("inf"))
     return q + ((mid - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
 
 
