@@ -207,7 +207,9 @@ def test_4bit_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, quant_
 
 
 QUANTIZE_4BIT_CONFIGS = [
-    k4.Quantize4bitConfig(smem_table=smem_table) for smem_table in (False, True)
+    k4.Quantize4bitConfig(smem_table=False),
+    k4.Quantize4bitConfig(),
+    k4.Quantize4bitConfig(split_table=True),
 ]
 
 
@@ -222,8 +224,8 @@ QUANTIZE_4BIT_CONFIGS = [
     ],
 )
 def test_4bit_quantize_configs_match_reference(config, dtype, offset, blocksize, quant_type):
-    """Both table lookups (shared memory / L1) on two full tiles (the fast path) plus a partial one
-    with special blocks."""
+    """The three table lookups (L1, shared memory, split shared-memory table) on two full tiles (the
+    fast path) plus a partial one with special blocks."""
     tile = k4._tile(torch.empty(0, device=DEVICE), config.tile, blocksize)
     n = 2 * tile + 3 * blocksize + 5
     A = random_input(n + offset, dtype, blocksize, True, device=DEVICE)[offset:]
@@ -329,6 +331,11 @@ def test_8bit_search_tables_equal_a_bucket_count(config):
 def test_kernel_configs_reject_launch_shapes_triton_cannot_compile(config_class, kwargs, name):
     with pytest.raises(ValueError, match=f"{name} must be a positive power of two"):
         config_class(**kwargs)
+
+
+def test_4bit_quantize_config_rejects_a_split_table_outside_shared_memory():
+    with pytest.raises(ValueError, match="split_table=True needs smem_table=True"):
+        k4.Quantize4bitConfig(smem_table=False, split_table=True)
 
 
 def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():

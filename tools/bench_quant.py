@@ -256,6 +256,8 @@ def sweep_variants():
         dict(tile=8192, num_warps=8),
         dict(tile=2048, num_warps=2),
         dict(tile=4096, num_warps=4, smem_table=False),
+        dict(tile=2048, num_warps=2, split_table=True),
+        dict(tile=4096, num_warps=4, split_table=True),
     ):
         cfg = k4.Quantize4bitConfig(**kw)
         variants.append(

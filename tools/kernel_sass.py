@@ -10,7 +10,7 @@ so the loop's instructions per code and its shared-memory traffic (``LDS``/``STS
 the kernel's speed. Kernels without a hot loop (the 8-bit quantize and its table build) are counted
 whole; for every preset the report includes local-memory traffic (``LDL``/``STL``: register spills).
 
-    python tools/kernel_sass.py [gemv|quantize_4bit[_l1]|quantize_blockwise|search_tables] [--arch 90] [--json]
+    python tools/kernel_sass.py [gemv|quantize_4bit[_l1|_split]|quantize_blockwise|search_tables] [--arch 90] [--json]
 
 Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the compiled kernels).
 """
@@ -93,17 +93,18 @@ def _quantize_blockwise_preset() -> Preset:
     )
 
 
-def _quantize_4bit_preset(smem_table: bool = True) -> Preset:
+def _quantize_4bit_preset(smem_table: bool = True, split_table: bool = False) -> Preset:
     from inductor_quant.kernels import fourbit
 
-    config = fourbit.Quantize4bitConfig(smem_table=smem_table)
+    config = fourbit.Quantize4bitConfig(smem_table=smem_table, split_table=split_table)
     blocksize = 64
     pointers = dict(x_ptr="*bf16", table_ptr="*i64", packed_ptr="*u8", absmax_ptr="*fp32")
     signature = {**pointers, "n": "i64"}
     return Preset(
         kernel="inductor_quant.kernels.fourbit._quantize_4bit_kernel",
         signature=signature,
-        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table),
+        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table,
+                        SPLIT_TABLE=config.split_table),
         num_warps=config.num_warps,
         codes_per_iteration=config.tile // (32 * config.num_warps),  # elements per thread
         aligned=tuple(signature),
@@ -132,6 +133,7 @@ PRESETS = {
     "quantize_blockwise": _quantize_blockwise_preset,
     "quantize_4bit": _quantize_4bit_preset,
     "quantize_4bit_l1": lambda: _quantize_4bit_preset(smem_table=False),
+    "quantize_4bit_split": lambda: _quantize_4bit_preset(split_table=True),
     "search_tables": _search_tables_preset,
 }
 
