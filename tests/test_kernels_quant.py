@@ -294,7 +294,7 @@ def test_8bit_search_tables_equal_a_bucket_count(config):
     crowded[0], crowded[-1] = -1.0, 1.0
     repeated = torch.sort(torch.cat([torch.linspace(-1, 1, 254), torch.tensor([0.25, 0.25])]))[0]
     for code in (dynamic_map(), dynamic_map(signed=False), crowded, repeated):
-        nbytes = k8._TABLE_BYTES + config.buckets * config.entry_bytes
+        nbytes = k8._TABLE_BYTES + config.buckets * config.entry_dtype.itemsize
         tables = torch.full((nbytes,), POISON, dtype=torch.uint8, device=DEVICE)
         mid, counters, first = k8._split_tables(k8._build_search_tables(code.to(DEVICE), config, tables), config)
         expected_mid = torch.cat([code_midpoints(code), torch.full((257,), float("inf"))])

@@ -71,7 +71,7 @@ def _gemv_preset() -> Preset:
 
 def _bucket_entry_type(config) -> str:
     """Triton pointer type of the 8-bit search tables' bucket entries."""
-    return "*i32" if config.entry_bytes == 4 else "*u8"
+    return "*i32" if config.entry_dtype.itemsize == 4 else "*u8"
 
 
 def _quantize_blockwise_preset() -> Preset:

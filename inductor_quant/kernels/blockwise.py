@@ -163,9 +163,7 @@ def _search_tables_kernel(
     1 when some bucket has more than three midpoints or two of them with one sub-position, so that
     the slots cannot decide; maximized over programs by atomics.
     Program 0 also writes ``mid`` (512 fp32 midpoints padded with +inf)."""
-    j = tl.arange(0, CODE_ENTRIES)
-    key_j = _order_key(_midpoints(code_ptr, j))
-    bucket_j = tl.minimum(tl.maximum((key_j >> KEY_SHIFT) + BUCKETS // 2, 0), BUCKETS - 1)
+    bucket_j = _bucket(_midpoints(code_ptr, tl.arange(0, CODE_ENTRIES)), KEY_SHIFT, BUCKETS)
     b = tl.program_id(0) * BUCKETS_PER_PROGRAM + tl.arange(0, BUCKETS_PER_PROGRAM)
     first = tl.sum((bucket_j[None, :] < b[:, None]).to(tl.int32), axis=1)
     in_bucket = bucket_j[None, :] == b[:, None]
@@ -269,7 +267,7 @@ def _quantize_blockwise_kernel(
             # xn may be +-Inf, or the map's buckets do not fit the slots: probe every midpoint of
             # the bucket (a loop as long as the fullest bucket)
             tl.debug_barrier()  # keeps this a branch (see normalize_blocks_split)
-            entry = tl.load(first_ptr + tl.minimum(tl.maximum(b, 0), BUCKETS - 1))
+            entry = tl.load(first_ptr + _bucket(xn, KEY_SHIFT, BUCKETS))
             base = (entry.to(tl.uint32, bitcast=True) >> 24).to(tl.int32)
             q = base
             for p in range(0, tl.load(counters_ptr)):
@@ -366,9 +364,9 @@ class QuantizeBlockwiseConfig:
         self.probes = probes
 
     @property
-    def entry_bytes(self) -> int:
-        """Bytes per bucket of the search table."""
-        return 4 if self.search == "slots" else 1
+    def entry_dtype(self) -> torch.dtype:
+        """dtype of the search table's entry per bucket."""
+        return torch.int32 if self.search == "slots" else torch.uint8
 
     def __repr__(self) -> str:
         return (
@@ -463,11 +461,11 @@ def _split_tables(tables: torch.Tensor, config: QuantizeBlockwiseConfig) -> tupl
     fullest bucket's count, and 1 where the slots cannot decide); an entry per bucket (uint8, or
     int32 for "slots")."""
     mids_bytes = 2 * CODE_ENTRIES * 4
-    entry_dtype = torch.int32 if config.search == "slots" else torch.uint8
+    entry_bytes = config.buckets * config.entry_dtype.itemsize
     return (
         tables[:mids_bytes].view(torch.float32),
         tables[mids_bytes:_TABLE_BYTES].view(torch.int32),
-        tables[_TABLE_BYTES : _TABLE_BYTES + config.buckets * config.entry_bytes].view(entry_dtype),
+        tables[_TABLE_BYTES : _TABLE_BYTES + entry_bytes].view(config.entry_dtype),
     )
 
 
@@ -480,7 +478,7 @@ def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple
     is being captured, or for a non-contiguous map (its contiguous copy is new every call), they
     are built per call instead: a captured build runs only at replay, so caching its buffer would
     hand later calls unwritten tables."""
-    nbytes = _TABLE_BYTES + config.buckets * config.entry_bytes
+    nbytes = _TABLE_BYTES + config.buckets * config.entry_dtype.itemsize
     if not code.is_contiguous() or (code.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         tables = torch.empty(nbytes, dtype=torch.uint8, device=code.device)
         return _split_tables(_build_search_tables(code.contiguous(), config, tables), config)
@@ -488,7 +486,7 @@ def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple
     def build() -> torch.Tensor:
         return _build_search_tables(code, config, to_device_constant(torch.empty(nbytes, dtype=torch.uint8), code.device))
 
-    tables = _TABLE_CACHE.get((code,), build, extra=(config.key_shift, config.buckets, config.entry_bytes))
+    tables = _TABLE_CACHE.get((code,), build, extra=(config.key_shift, config.buckets, config.entry_dtype))
     return _split_tables(tables, config)
 
 
