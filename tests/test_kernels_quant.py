@@ -42,8 +42,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Two full tiles of the 8-bit quantize launch under the interpreter (many on a GPU): a tile with a
 # partial or special block takes the kernel's slow branch, so the fast one needs full tiles.
 FULL_8BIT_TILES = 2 * k8._INTERPRETER_TILE
-# the 8-bit searches: uint8 bucket table (default), int32 slot entries, binary search
-SEARCHES = ("bucket", "slots", "bsearch")
+# the 8-bit searches: uint8 bucket table (default), binary search
+SEARCHES = ("bucket", "bsearch")
 SETTINGS = settings(max_examples=6 if HAS_CUDA else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -207,9 +207,7 @@ def test_4bit_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, quant_
 
 
 QUANTIZE_4BIT_CONFIGS = [
-    k4.Quantize4bitConfig(smem_table=False),
-    k4.Quantize4bitConfig(),
-    k4.Quantize4bitConfig(split_table=True),
+    k4.Quantize4bitConfig(smem_table=smem_table) for smem_table in (False, True)
 ]
 
 
@@ -224,8 +222,8 @@ QUANTIZE_4BIT_CONFIGS = [
     ],
 )
 def test_4bit_quantize_configs_match_reference(config, dtype, offset, blocksize, quant_type):
-    """The three table lookups (L1, shared memory, split shared-memory table) on two full tiles (the
-    fast path) plus a partial one with special blocks."""
+    """Both table lookups (shared memory / L1) on two full tiles (the fast path) plus a partial one
+    with special blocks."""
     tile = k4._tile(torch.empty(0, device=DEVICE), config.tile, blocksize)
     n = 2 * tile + 3 * blocksize + 5
     A = random_input(n + offset, dtype, blocksize, True, device=DEVICE)[offset:]
@@ -279,24 +277,20 @@ def test_blockwise_arbitrary_tables(search):
 @pytest.mark.parametrize(
     "config",
     [k8.QuantizeBlockwiseConfig(), k8.QuantizeBlockwiseConfig(key_shift=19, buckets=4096, probes=3),
-     k8.QuantizeBlockwiseConfig(key_shift=21, buckets=1024),
-     k8.QuantizeBlockwiseConfig(search="slots", key_shift=19, buckets=4096),
-     k8.QuantizeBlockwiseConfig(search="slots", key_shift=21, buckets=1024)],
+     k8.QuantizeBlockwiseConfig(key_shift=21, buckets=1024)],
     ids=repr,
 )
 def test_8bit_search_tables_equal_a_bucket_count(config):
     """The table launch (buckets split over programs) against a torch count: ``mid`` the padded
-    midpoints, ``first[b]`` the midpoints in buckets below ``b``, the fullest bucket's count, and
-    for "slots" each bucket's first three sub-positions and whether some bucket is undecidable
-    (more than three midpoints, or two with one sub-position); for the signed and unsigned dynamic
-    maps, a map whose midpoints crowd into one bucket, and one with repeated entries."""
+    midpoints, ``first[b]`` the midpoints in buckets below ``b``, and the fullest bucket's count;
+    for the signed and unsigned dynamic maps, a map whose midpoints crowd into one bucket, and one
+    with repeated entries."""
     crowded = torch.sort(0.5 + 0.01 * torch.rand(256))[0]
     crowded[0], crowded[-1] = -1.0, 1.0
     repeated = torch.sort(torch.cat([torch.linspace(-1, 1, 254), torch.tensor([0.25, 0.25])]))[0]
     for code in (dynamic_map(), dynamic_map(signed=False), crowded, repeated):
-        nbytes = k8._TABLE_BYTES + config.buckets * config.entry_dtype.itemsize
-        tables = torch.full((nbytes,), POISON, dtype=torch.uint8, device=DEVICE)
-        mid, counters, first = k8._split_tables(k8._build_search_tables(code.to(DEVICE), config, tables), config)
+        tables = torch.full((k8._TABLE_BYTES + config.buckets,), POISON, dtype=torch.uint8, device=DEVICE)
+        mid, fullest, first = k8._split_tables(k8._build_search_tables(code.to(DEVICE), config, tables), config)
         expected_mid = torch.cat([code_midpoints(code), torch.full((257,), float("inf"))])
         expected_mid = torch.where(expected_mid == 0, 0.0, expected_mid)
         bits = expected_mid[:256].view(torch.int32)
@@ -305,22 +299,8 @@ def test_8bit_search_tables_equal_a_bucket_count(config):
         expected_first = (bucket[None, :] < torch.arange(config.buckets)[:, None]).sum(1)
         count = torch.bincount(bucket, minlength=config.buckets)
         assert torch.equal(mid.cpu(), expected_mid)
-        assert counters[0].item() == count.max().item()
-        entry = first.cpu().long() & 0xFFFFFFFF
-        if config.search != "slots":
-            assert torch.equal(entry, expected_first)
-            continue
-        assert torch.equal(entry >> 24, expected_first)
-        sub = (key >> (config.key_shift - 7)) & 127
-        undecidable = bool((count > 3).any())
-        for k in range(3):
-            has_k = count > k
-            slot = torch.where(has_k, sub[(expected_first + k).clamp(max=255)], 127)
-            assert torch.equal(127 - ((entry >> (8 * k)) & 255), slot)
-            if k:
-                undecidable |= bool((has_k & (slot == previous)).any())
-            previous = slot
-        assert counters[1].item() == int(undecidable)
+        assert fullest.item() == count.max().item()
+        assert torch.equal(first.cpu().long(), expected_first)
 
 
 @pytest.mark.parametrize(
@@ -331,11 +311,6 @@ def test_8bit_search_tables_equal_a_bucket_count(config):
 def test_kernel_configs_reject_launch_shapes_triton_cannot_compile(config_class, kwargs, name):
     with pytest.raises(ValueError, match=f"{name} must be a positive power of two"):
         config_class(**kwargs)
-
-
-def test_4bit_quantize_config_rejects_a_split_table_outside_shared_memory():
-    with pytest.raises(ValueError, match="split_table=True needs smem_table=True"):
-        k4.Quantize4bitConfig(smem_table=False, split_table=True)
 
 
 def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
@@ -487,11 +462,10 @@ def test_gpu_ops_match_reference(shape, blocksize, dtype):
 
 @requires_cuda
 def test_gpu_search_variants_and_unsigned_map():
-    """Every search on both dynamic maps; slots also at 16 buckets per octave, where the unsigned
-    map's buckets do not fit the slots and every element is probed."""
+    """Every search on both dynamic maps (the unsigned map's fuller buckets take the run-time probe
+    loop)."""
     A = random_input(1 << 22, torch.bfloat16, 256, True, device="cuda")
     configs = [k8.QuantizeBlockwiseConfig(search=search) for search in SEARCHES]
-    configs.append(k8.QuantizeBlockwiseConfig(search="slots", key_shift=19, buckets=4096))
     for signed in (True, False):
         code = dynamic_map(signed, device="cuda")
         x = A if signed else A.abs()

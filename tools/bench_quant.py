@@ -256,8 +256,6 @@ def sweep_variants():
         dict(tile=8192, num_warps=8),
         dict(tile=2048, num_warps=2),
         dict(tile=4096, num_warps=4, smem_table=False),
-        dict(tile=2048, num_warps=2, split_table=True),
-        dict(tile=4096, num_warps=4, split_table=True),
     ):
         cfg = k4.Quantize4bitConfig(**kw)
         variants.append(
@@ -271,9 +269,6 @@ def sweep_variants():
         dict(tile=512, num_warps=1, key_shift=18, buckets=8192, probes=2),
         dict(tile=512, num_warps=1, key_shift=16, buckets=32768),
         dict(tile=2048, num_warps=4, search="bsearch"),
-        dict(tile=512, num_warps=1, search="slots", key_shift=19, buckets=4096),
-        dict(tile=1024, num_warps=2, search="slots", key_shift=19, buckets=4096),
-        dict(tile=512, num_warps=1, search="slots", key_shift=18, buckets=8192),
     ):
         cfg = k8.QuantizeBlockwiseConfig(**kw)
         variants.append(

@@ -10,7 +10,7 @@ so the loop's instructions per code and its shared-memory traffic (``LDS``/``STS
 the kernel's speed. Kernels without a hot loop (the 8-bit quantize and its table build) are counted
 whole; for every preset the report includes local-memory traffic (``LDL``/``STL``: register spills).
 
-    python tools/kernel_sass.py [gemv|quantize_4bit[_l1|_split]|quantize_blockwise|search_tables] [--arch 90] [--json]
+    python tools/kernel_sass.py [gemv|quantize_4bit[_l1]|quantize_blockwise|search_tables] [--arch 90] [--json]
 
 Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the compiled kernels).
 """
@@ -69,18 +69,13 @@ def _gemv_preset() -> Preset:
     )
 
 
-def _bucket_entry_type(config) -> str:
-    """Triton pointer type of the 8-bit search tables' bucket entries."""
-    return "*i32" if config.entry_dtype.itemsize == 4 else "*u8"
-
-
 def _quantize_blockwise_preset() -> Preset:
     from inductor_quant.kernels import blockwise
 
     config = blockwise._DEFAULT_QUANTIZE
     blocksize = 256
-    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr=_bucket_entry_type(config), counters_ptr="*i32",
-                    q_ptr="*u8", absmax_ptr="*fp32")
+    pointers = dict(x_ptr="*bf16", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32", q_ptr="*u8",
+                    absmax_ptr="*fp32")
     return Preset(
         kernel="inductor_quant.kernels.blockwise._quantize_blockwise_kernel",
         signature={**pointers, "n": "i64"},
@@ -93,18 +88,17 @@ def _quantize_blockwise_preset() -> Preset:
     )
 
 
-def _quantize_4bit_preset(smem_table: bool = True, split_table: bool = False) -> Preset:
+def _quantize_4bit_preset(smem_table: bool = True) -> Preset:
     from inductor_quant.kernels import fourbit
 
-    config = fourbit.Quantize4bitConfig(smem_table=smem_table, split_table=split_table)
+    config = fourbit.Quantize4bitConfig(smem_table=smem_table)
     blocksize = 64
     pointers = dict(x_ptr="*bf16", table_ptr="*i64", packed_ptr="*u8", absmax_ptr="*fp32")
     signature = {**pointers, "n": "i64"}
     return Preset(
         kernel="inductor_quant.kernels.fourbit._quantize_4bit_kernel",
         signature=signature,
-        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table,
-                        SPLIT_TABLE=config.split_table),
+        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table),
         num_warps=config.num_warps,
         codes_per_iteration=config.tile // (32 * config.num_warps),  # elements per thread
         aligned=tuple(signature),
@@ -118,12 +112,12 @@ def _search_tables_preset() -> Preset:
     config = blockwise._DEFAULT_QUANTIZE
     return Preset(
         kernel="inductor_quant.kernels.blockwise._search_tables_kernel",
-        signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr=_bucket_entry_type(config), counters_ptr="*i32"),
+        signature=dict(code_ptr="*fp32", mid_ptr="*fp32", first_ptr="*u8", fullest_ptr="*i32"),
         constexprs=dict(KEY_SHIFT=config.key_shift, BUCKETS=config.buckets,
-                        BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM, SLOTS=config.search == "slots"),
+                        BUCKETS_PER_PROGRAM=blockwise._BUCKETS_PER_PROGRAM),
         num_warps=4,
         codes_per_iteration=0,
-        aligned=("code_ptr", "mid_ptr", "first_ptr", "counters_ptr"),
+        aligned=("code_ptr", "mid_ptr", "first_ptr", "fullest_ptr"),
         scope="kernel",
     )
 
@@ -133,7 +127,6 @@ PRESETS = {
     "quantize_blockwise": _quantize_blockwise_preset,
     "quantize_4bit": _quantize_4bit_preset,
     "quantize_4bit_l1": lambda: _quantize_4bit_preset(smem_table=False),
-    "quantize_4bit_split": lambda: _quantize_4bit_preset(split_table=True),
     "search_tables": _search_tables_preset,
 }
 

@@ -55,8 +55,6 @@ __all__ = [
 ]
 
 CODE_ENTRIES = tl.constexpr(256)
-# Key bits of a midpoint's (and an element's) position inside its bucket in a slot entry.
-SUB_BITS = tl.constexpr(7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,67 +147,26 @@ def _midpoints(code_ptr, i):
 
 @triton.jit
 def _search_tables_kernel(
-    code_ptr, mid_ptr, first_ptr, counters_ptr,
-    KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr, BUCKETS_PER_PROGRAM: tl.constexpr, SLOTS: tl.constexpr,
+    code_ptr, mid_ptr, first_ptr, fullest_ptr,
+    KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr, BUCKETS_PER_PROGRAM: tl.constexpr,
 ):
     """The search tables of ``code``, ``BUCKETS_PER_PROGRAM`` buckets per program.
 
-    ``first[b]`` = the number of midpoints in buckets below ``b``, counted directly (a
+    ``first[b]`` (uint8) = the number of midpoints in buckets below ``b``, counted directly (a
     ``[buckets, 256]`` comparison: no histogram, so the buckets split over many small programs that
-    each load the map once): a uint8, or with ``SLOTS`` the top byte of an int32 whose bytes 0-2
-    hold ``127 - slot_k``, ``slot_k`` the sub-position of the bucket's ``k``-th midpoint
-    (:data:`SUB_BITS` key bits below the bucket's; 127 for an unused slot). ``counters`` (two
-    int32, zero before the launch): the largest number of midpoints in one bucket, and (``SLOTS``)
-    1 when some bucket has more than three midpoints or two of them with one sub-position, so that
-    the slots cannot decide; maximized over programs by atomics.
+    each load the map once). ``fullest`` (one int32, zero before the launch): the largest number of
+    midpoints in one bucket, maximized over programs by an atomic.
     Program 0 also writes ``mid`` (512 fp32 midpoints padded with +inf)."""
     bucket_j = _bucket(_midpoints(code_ptr, tl.arange(0, CODE_ENTRIES)), KEY_SHIFT, BUCKETS)
     b = tl.program_id(0) * BUCKETS_PER_PROGRAM + tl.arange(0, BUCKETS_PER_PROGRAM)
-    first = tl.sum((bucket_j[None, :] < b[:, None]).to(tl.int32), axis=1)
-    in_bucket = bucket_j[None, :] == b[:, None]
-    count = tl.sum(in_bucket.to(tl.int32), axis=1)
     # Below any bucket lie at most 255 midpoints (the +inf pad sits in the last bucket): fits a byte.
-    if SLOTS:
-        entry = first << 24
-        previous = tl.full([BUCKETS_PER_PROGRAM], -1, tl.int32)
-        undecidable = count > 3
-        for k in tl.static_range(3):
-            # the bucket's k-th midpoint is midpoint first + k
-            sub = (_order_key(_midpoints(code_ptr, first + k)) >> (KEY_SHIFT - SUB_BITS)) & 127
-            slot = tl.where(count > k, sub, 127)
-            undecidable |= (count > k) & (slot == previous)
-            entry |= (127 - slot) << (8 * k)
-            previous = slot
-        tl.store(first_ptr + b, entry)
-        tl.atomic_max(counters_ptr + 1, tl.max(undecidable.to(tl.int32), 0))
-    else:
-        tl.store(first_ptr + b, first.to(tl.uint8))
-    tl.atomic_max(counters_ptr, tl.max(count, 0))
+    first = tl.sum((bucket_j[None, :] < b[:, None]).to(tl.int32), axis=1)
+    count = tl.sum((bucket_j[None, :] == b[:, None]).to(tl.int32), axis=1)
+    tl.store(first_ptr + b, first.to(tl.uint8))
+    tl.atomic_max(fullest_ptr, tl.max(count, 0))
     if tl.program_id(0) == 0:
         i = tl.arange(0, 2 * CODE_ENTRIES)
         tl.store(mid_ptr + i, _midpoints(code_ptr, i))
-
-
-@triton.jit
-def _count_below_slots(xn, key, entry, mid_ptr, KEY_SHIFT: tl.constexpr):
-    """Code of finite ``xn`` from its bucket's slot entry: ``first`` plus the slots whose
-    sub-position is below the element's own, then, where the element shares a sub-position with a
-    slot (about 1 in 128 elements per midpoint in the bucket), one exact comparison with that
-    midpoint.
-
-    The entry holds ``first`` in its top byte and ``127 - slot_k`` in byte ``k``, so one multiply-add
-    compares the element's sub-position ``x`` with all three slots: byte ``k`` of ``d`` is
-    ``x + 127 - slot_k`` (in [0, 254], so no carry crosses bytes), whose top bit says ``x > slot_k``;
-    with one more per byte it says ``x >= slot_k``."""
-    e = entry.to(tl.uint32, bitcast=True)
-    x = ((key >> (KEY_SHIFT - SUB_BITS)) & 127).to(tl.uint32)
-    d = x * 0x010101 + e
-    above = d & 0x808080
-    # the slots below x are a prefix (slots are sorted): the multiply sums bits 7, 15, 23 at bit 30
-    q = ((d >> 24) + ((above * 0x808080) >> 30)).to(tl.int32)
-    # x equals some slot where adding one more per byte flips a top bit
-    mid = tl.load(mid_ptr + q, mask=(((d + 0x010101) ^ d) & 0x808080) != 0, other=float("inf"))
-    return q + ((mid - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
 
 
 @triton.jit
@@ -217,7 +174,7 @@ def _quantize_blockwise_kernel(
     x_ptr,
     mid_ptr,
     first_ptr,
-    counters_ptr,
+    fullest_ptr,
     q_ptr,
     absmax_ptr,
     n,
@@ -258,22 +215,8 @@ def _quantize_blockwise_kernel(
             for p in tl.static_range(PROBES):
                 mid = tl.load(mid_ptr + base + p)
                 q += ((mid - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
-        for p in range(PROBES, tl.load(counters_ptr)):
+        for p in range(PROBES, tl.load(fullest_ptr)):
             q += (xn > tl.load(mid_ptr + tl.minimum(base + p, MIDS - 1))).to(tl.int32)
-    elif SEARCH == "slots":
-        key = _order_key(xn)
-        b = (key >> KEY_SHIFT) + BUCKETS // 2
-        if (special != 0) | (tl.load(counters_ptr + 1) != 0):
-            # xn may be +-Inf, or the map's buckets do not fit the slots: probe every midpoint of
-            # the bucket (a loop as long as the fullest bucket)
-            tl.debug_barrier()  # keeps this a branch (see normalize_blocks_split)
-            entry = tl.load(first_ptr + _bucket(xn, KEY_SHIFT, BUCKETS))
-            base = (entry.to(tl.uint32, bitcast=True) >> 24).to(tl.int32)
-            q = base
-            for p in range(0, tl.load(counters_ptr)):
-                q += (xn > tl.load(mid_ptr + tl.minimum(base + p, MIDS - 1))).to(tl.int32)
-        else:
-            q = _count_below_slots(xn, key, tl.load(first_ptr + b), mid_ptr, KEY_SHIFT)
     else:
         q = tl.zeros([TILE], tl.int32)
         for level in tl.static_range(8):
@@ -327,11 +270,7 @@ class QuantizeBlockwiseConfig:
 
     ``tile``: elements per program (rounded up to one block); ``num_warps``: warps for ``tile``
     elements (scaled up with the tile when a block is larger); ``search``: "bucket" (a uint8 bucket
-    table, then the bucket's midpoints probed), "slots" (an int32 bucket entry that also places
-    the bucket's first three midpoints to 7 key bits, so a midpoint is read only where an element
-    shares its sub-position; meant for 16 buckets per octave, ``key_shift=19, buckets=4096``; a
-    variant of ``tools/bench_quant.py --sweep`` not yet timed on a GPU) or "bsearch" (a binary
-    search of the midpoints);
+    table, then the bucket's midpoints probed) or "bsearch" (a binary search of the midpoints);
     ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
     ``probes``: unrolled in-bucket comparisons of "bucket" (more run in a loop when a bucket
     holds more).
@@ -347,10 +286,8 @@ class QuantizeBlockwiseConfig:
         probes: int = 1,
     ) -> None:
         check_launch_shape(tile, num_warps)
-        if search not in ("bucket", "slots", "bsearch"):
-            raise ValueError(f"search must be 'bucket', 'slots' or 'bsearch', got {search!r}")
-        if search == "slots" and key_shift < SUB_BITS:
-            raise ValueError(f"search='slots' needs key_shift >= {SUB_BITS}, got {key_shift}")
+        if search not in ("bucket", "bsearch"):
+            raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
         if buckets & (buckets - 1):
             raise ValueError(f"buckets must be a power of two, got {buckets}")
         # Unclamped buckets of |xn| <= 1 + 2**-22 (keys +-0x3F800001) must lie in [0, buckets).
@@ -362,11 +299,6 @@ class QuantizeBlockwiseConfig:
         self.key_shift = key_shift
         self.buckets = buckets
         self.probes = probes
-
-    @property
-    def entry_dtype(self) -> torch.dtype:
-        """dtype of the search table's entry per bucket."""
-        return torch.int32 if self.search == "slots" else torch.uint8
 
     def __repr__(self) -> str:
         return (
@@ -437,7 +369,7 @@ def _check_flat_output(out: torch.Tensor, name: str, numel: int, dtype: torch.dt
 # ----------------------------------------------------------------------------------------------
 
 _TABLE_CACHE: MapCache[torch.Tensor] = MapCache()
-_TABLE_BYTES = 2 * CODE_ENTRIES * 4 + 2 * 4  # midpoints and counters, then the bucket entries
+_TABLE_BYTES = 2 * CODE_ENTRIES * 4 + 4  # midpoints and the fullest bucket's count, then a byte per bucket
 # [32, 256] comparisons: 64 per thread at 4 warps (a [256, 256] tile spills: 255 registers)
 _BUCKETS_PER_PROGRAM = 32
 
@@ -445,32 +377,29 @@ _BUCKETS_PER_PROGRAM = 32
 def _build_search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig, tables: torch.Tensor) -> torch.Tensor:
     """Launch the table kernel for ``code`` into ``tables`` (see :func:`_split_tables`);
     returns ``tables``."""
-    mid, counters, first = _split_tables(tables, config)
-    counters.zero_()
+    mid, fullest, first = _split_tables(tables, config)
+    fullest.zero_()
     # the interpreter runs programs one after another: few large ones (a tile holds <= 2**20 elements)
     per_program = min(config.buckets, 2048 if _is_interpreted(code) else _BUCKETS_PER_PROGRAM)
     _search_tables_kernel[(config.buckets // per_program,)](
-        code, mid, first, counters, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets,
-        BUCKETS_PER_PROGRAM=per_program, SLOTS=config.search == "slots",
+        code, mid, first, fullest, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets, BUCKETS_PER_PROGRAM=per_program
     )
     return tables
 
 
 def _split_tables(tables: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple[torch.Tensor, ...]:
-    """``(mid, counters, first)`` views of one uint8 buffer: 512 fp32 midpoints; two int32 (the
-    fullest bucket's count, and 1 where the slots cannot decide); an entry per bucket (uint8, or
-    int32 for "slots")."""
+    """``(mid, fullest, first)`` views of one uint8 buffer: 512 fp32 midpoints, one int32 (the
+    fullest bucket's count), a uint8 per bucket."""
     mids_bytes = 2 * CODE_ENTRIES * 4
-    entry_bytes = config.buckets * config.entry_dtype.itemsize
     return (
         tables[:mids_bytes].view(torch.float32),
         tables[mids_bytes:_TABLE_BYTES].view(torch.int32),
-        tables[_TABLE_BYTES : _TABLE_BYTES + entry_bytes].view(config.entry_dtype),
+        tables[_TABLE_BYTES : _TABLE_BYTES + config.buckets],
     )
 
 
 def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple[torch.Tensor, ...]:
-    """``(mid, counters, first)`` for ``code`` and the bucket table of ``config``.
+    """``(mid, fullest, first)`` for ``code`` and the bucket table of ``config``.
 
     Building them costs a memset and a launch (8-13 µs on an H100 inside a CUDA graph), so they are
     cached per map (:class:`MapCache`: data pointer and version counter),
@@ -478,7 +407,7 @@ def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple
     is being captured, or for a non-contiguous map (its contiguous copy is new every call), they
     are built per call instead: a captured build runs only at replay, so caching its buffer would
     hand later calls unwritten tables."""
-    nbytes = _TABLE_BYTES + config.buckets * config.entry_dtype.itemsize
+    nbytes = _TABLE_BYTES + config.buckets
     if not code.is_contiguous() or (code.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         tables = torch.empty(nbytes, dtype=torch.uint8, device=code.device)
         return _split_tables(_build_search_tables(code.contiguous(), config, tables), config)
@@ -486,7 +415,7 @@ def _search_tables(code: torch.Tensor, config: QuantizeBlockwiseConfig) -> tuple
     def build() -> torch.Tensor:
         return _build_search_tables(code, config, to_device_constant(torch.empty(nbytes, dtype=torch.uint8), code.device))
 
-    tables = _TABLE_CACHE.get((code,), build, extra=(config.key_shift, config.buckets, config.entry_dtype))
+    tables = _TABLE_CACHE.get((code,), build, extra=(config.key_shift, config.buckets))
     return _split_tables(tables, config)
 
 
@@ -516,12 +445,12 @@ def quantize_blockwise(
     # a block larger than the configured tile keeps the configured elements per warp
     num_warps = min(16, config.num_warps * max(1, tile // config.tile))
     with device_guard(A):
-        mid, counters, first = _search_tables(code, config)
+        mid, fullest, first = _search_tables(code, config)
         _quantize_blockwise_kernel[(-(-n // tile),)](
             A,
             mid,
             first,
-            counters,
+            fullest,
             out,
             absmax,
             n,

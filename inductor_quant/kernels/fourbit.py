@@ -54,7 +54,6 @@ __all__ = [
 ]
 
 BUCKETS = 64
-_BUCKETS = tl.constexpr(BUCKETS)  # the same, for the kernels
 V_MIN, V_MAX = -1.9375, 1.9375  # the kernel clamps xn to this range where it may be infinite
 
 
@@ -112,34 +111,22 @@ def code_table(quant_type: str, device: torch.device | str) -> torch.Tensor:
 
 
 @triton.jit
-def _codes(xn, table_ptr, table, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr, SPLIT_TABLE: tl.constexpr):
+def _codes(xn, table_ptr, table, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr):
     """4-bit codes of normalized values ``xn`` (``|xn| <= 1.9375``) by one bucket-table lookup:
     with ``SMEM_TABLE`` a gather from ``table`` (the whole table as a register tensor, which Triton
-    stages in shared memory), otherwise a load from ``table_ptr`` (L1). ``SPLIT_TABLE`` gathers the
-    thresholds' bits and the code pairs as two 4-byte words of one 128-word table (``table``)
-    instead of one 8-byte entry: the 33 buckets of ``[-1, 1]`` fall in distinct banks for 4-byte
-    reads, where a warp's 8-byte reads of them conflict (about 3.7 wavefronts per read instead of
-    2; a CPU count over normal blocks)."""
+    stages in shared memory), otherwise a load from ``table_ptr`` (L1)."""
     if FP4:
         v = tl.abs(xn)
     else:
         v = xn
     # round_half_even(v * 16 + 32): the fma's result lies in [2**23, 2**24), where floats are integers
     bucket = (v * 16.0 + 12582944.0).to(tl.int32, bitcast=True) & 63
-    if SPLIT_TABLE:
-        # ``table`` is the split table (thresholds' bits, then code pairs): one gather of both words
-        index = tl.reshape(tl.join(bucket, bucket + _BUCKETS), [2 * bucket.numel])
-        words = tl.reshape(tl.gather(table, index, 0), [bucket.shape[0], bucket.shape[1], 2])
-        threshold_bits, codes = tl.split(words)
-        threshold = threshold_bits.to(tl.float32, bitcast=True)
+    if SMEM_TABLE:
+        entry = tl.reshape(tl.gather(table, tl.reshape(bucket, [bucket.numel]), 0), bucket.shape)
     else:
-        if SMEM_TABLE:
-            entry = tl.reshape(tl.gather(table, tl.reshape(bucket, [bucket.numel]), 0), bucket.shape)
-        else:
-            entry = tl.load(table_ptr + bucket)
-        codes = (entry >> 32).to(tl.int32)
-        threshold = entry.to(tl.int32).to(tl.float32, bitcast=True)
-    q = tl.where(v > threshold, codes >> 4, codes & 15)
+        entry = tl.load(table_ptr + bucket)
+    codes = (entry >> 32).to(tl.int32)
+    q = tl.where(v > entry.to(tl.int32).to(tl.float32, bitcast=True), codes >> 4, codes & 15)
     if FP4:
         q = q | tl.where(xn < 0.0, 8, 0)
     return q
@@ -159,7 +146,6 @@ def _into_table_range(xn, special):
 def _quantize_4bit_kernel(
     x_ptr, table_ptr, packed_ptr, absmax_ptr, n,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr,
-    SPLIT_TABLE: tl.constexpr,
 ):
     """Any float dtype, any ``n``: one ``[ROWS, BLOCKSIZE]`` tile of elements per program."""
     HALF: tl.constexpr = BLOCKSIZE // 2
@@ -174,14 +160,8 @@ def _quantize_4bit_kernel(
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     xn, special = normalize_blocks_split(x, absmax)
     xn = _into_table_range(xn, special)
-    if SPLIT_TABLE:
-        # 128 int32: the thresholds' fp32 bits (low words), then the code pairs (high words)
-        word = tl.arange(0, 2 * _BUCKETS)
-        entry = tl.load(table_ptr + (word % _BUCKETS))
-        table = tl.where(word < _BUCKETS, entry & 0xFFFFFFFF, entry >> 32).to(tl.int32)
-    else:
-        table = tl.load(table_ptr + tl.arange(0, _BUCKETS))  # used by the shared-memory gather only
-    q = _codes(xn, table_ptr, table, FP4, SMEM_TABLE, SPLIT_TABLE)
+    table = tl.load(table_ptr + tl.arange(0, 64))  # used by the shared-memory gather only (else eliminated)
+    q = _codes(xn, table_ptr, table, FP4, SMEM_TABLE)
     hi, lo = tl.split(tl.reshape(q, [ROWS, HALF, 2]))
     packed = ((hi << 4) | lo).to(tl.uint8)
     byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
@@ -228,27 +208,17 @@ def _dequantize_4bit_kernel(
 
 
 class Quantize4bitConfig:
-    """Launch parameters of the 4-bit quantize kernel: input elements per program, warps, whether
-    the bucket table is read from shared memory (``tl.gather``) or through L1, and whether the
-    shared-memory table is split into a threshold and a code-pair table (``split_table``; a variant
-    of ``tools/bench_quant.py --sweep`` not yet timed on a GPU)."""
+    """Launch parameters of the 4-bit quantize kernel: input elements per program, warps, and
+    whether the bucket table is read from shared memory (``tl.gather``) or through L1."""
 
-    def __init__(
-        self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True, split_table: bool = False
-    ) -> None:
+    def __init__(self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True) -> None:
         check_launch_shape(tile, num_warps)
-        if split_table and not smem_table:
-            raise ValueError("split_table=True needs smem_table=True (the split tables live in shared memory)")
         self.tile = tile
         self.num_warps = num_warps
         self.smem_table = smem_table
-        self.split_table = split_table
 
     def __repr__(self) -> str:
-        return (
-            f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table}, "
-            f"split_table={self.split_table})"
-        )
+        return f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table})"
 
 
 class Dequantize4bitConfig:
@@ -329,7 +299,6 @@ def quantize_4bit(
             ROWS=tile // blocksize,
             FP4=quant_type == "fp4",
             SMEM_TABLE=config.smem_table,
-            SPLIT_TABLE=config.split_table,
             num_warps=config.num_warps,
         )
 
