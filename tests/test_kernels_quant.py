@@ -42,14 +42,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Two full tiles of the 8-bit quantize launch under the interpreter (many on a GPU): a tile with a
 # partial or special block takes the kernel's slow branch, so the fast one needs full tiles.
 FULL_8BIT_TILES = 2 * k8._INTERPRETER_TILE
-# the 8-bit quantize's searches: the uint8 bucket table through L1 (default), a binary search, and
-# (NVIDIA GPUs only; elsewhere the launcher runs the L1 kernel) the bucket table's shared-memory copy
-SEARCH_CONFIGS = {
-    "bucket": k8.QuantizeBlockwiseConfig(),
-    "bsearch": k8.QuantizeBlockwiseConfig(search="bsearch"),
-    "shared": k8.QuantizeBlockwiseConfig(shared_tables=True),
-}
-SEARCHES = tuple(name for name in SEARCH_CONFIGS if HAS_CUDA or name != "shared")
+# the 8-bit searches: uint8 bucket table (default), binary search
+SEARCHES = ("bucket", "bsearch")
 SETTINGS = settings(max_examples=6 if HAS_CUDA else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -196,7 +190,7 @@ def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, s
     A = random_input(n, dtype, blocksize, specials, device=DEVICE)
     if not signed:
         A = A.abs()
-    q, absmax = check_quantize_blockwise(A, code, blocksize, SEARCH_CONFIGS[search])
+    q, absmax = check_quantize_blockwise(A, code, blocksize, k8.QuantizeBlockwiseConfig(search=search))
     check_dequantize_blockwise(q, absmax, code, blocksize, out_dtype)
 
 
@@ -277,7 +271,7 @@ def test_blockwise_arbitrary_tables(search):
         half = FULL_8BIT_TILES // 2
         full_tiles = torch.cat([torch.randn(half), 0.5 + 0.01 * torch.rand(half)])
         A = torch.cat([full_tiles, torch.randn(3000), torch.zeros(64), -torch.zeros(64)])
-        check_quantize_blockwise(A.to(DEVICE), code.to(DEVICE), 256, SEARCH_CONFIGS[search])
+        check_quantize_blockwise(A.to(DEVICE), code.to(DEVICE), 256, k8.QuantizeBlockwiseConfig(search=search))
 
 
 @pytest.mark.parametrize(
@@ -324,12 +318,6 @@ def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
         k8.QuantizeBlockwiseConfig(buckets=12000)
     with pytest.raises(ValueError, match="buckets=8192 too few for key_shift=17"):
         k8.QuantizeBlockwiseConfig(key_shift=17, buckets=8192)
-    with pytest.raises(ValueError, match="shared_tables=True needs search='bucket' and buckets <= 16384"):
-        k8.QuantizeBlockwiseConfig(search="bsearch", shared_tables=True)
-    with pytest.raises(ValueError, match="shared_tables=True needs search='bucket' and buckets <= 16384"):
-        k8.QuantizeBlockwiseConfig(key_shift=16, buckets=32768, shared_tables=True)
-    with pytest.raises(ValueError, match="programs_per_sm must be positive, got 0"):
-        k8.QuantizeBlockwiseConfig(shared_tables=True, programs_per_sm=0)
 
 
 @pytest.mark.parametrize("search", SEARCHES)
@@ -341,7 +329,7 @@ def test_blockwise_exact_codes_and_midpoints(search):
     values = torch.cat([code, mids, torch.nextafter(mids, torch.tensor(2.0, device=DEVICE))])
     pattern = torch.stack([values, torch.ones_like(values)], 1).reshape(-1)  # absmax 1
     A = pattern.repeat(-(-FULL_8BIT_TILES // pattern.numel()) + 1)  # full tiles, then a partial one
-    q, _ = check_quantize_blockwise(A, code, 32, SEARCH_CONFIGS[search])
+    q, _ = check_quantize_blockwise(A, code, 32, k8.QuantizeBlockwiseConfig(search=search))
     q = q.view(-1, values.numel(), 2)[..., 0].long().cpu()
     assert torch.equal(q[:, :256], torch.arange(256).expand(q.shape[0], -1))
     assert torch.equal(q[:, 256:511], torch.arange(255).expand(q.shape[0], -1))
@@ -475,12 +463,9 @@ def test_gpu_ops_match_reference(shape, blocksize, dtype):
 @requires_cuda
 def test_gpu_search_variants_and_unsigned_map():
     """Every search on both dynamic maps (the unsigned map's fuller buckets take the run-time probe
-    loop); the shared-memory tables also at other launch shapes, down to 2 programs per SM (many
-    tiles per persistent program)."""
+    loop)."""
     A = random_input(1 << 22, torch.bfloat16, 256, True, device="cuda")
-    configs = [SEARCH_CONFIGS[search] for search in SEARCHES]
-    configs += [k8.QuantizeBlockwiseConfig(tile=tile, num_warps=warps, shared_tables=True, programs_per_sm=programs)
-                for tile, warps, programs in ((512, 1, 11), (2048, 4, 4), (1024, 2, 2))]
+    configs = [k8.QuantizeBlockwiseConfig(search=search) for search in SEARCHES]
     for signed in (True, False):
         code = dynamic_map(signed, device="cuda")
         x = A if signed else A.abs()

@@ -272,9 +272,6 @@ def sweep_variants():
         dict(tile=512, num_warps=1, key_shift=18, buckets=8192, probes=2),
         dict(tile=512, num_warps=1, key_shift=16, buckets=32768),
         dict(tile=2048, num_warps=4, search="bsearch"),
-        dict(tile=512, num_warps=1, shared_tables=True, programs_per_sm=11),
-        dict(tile=1024, num_warps=2, shared_tables=True, programs_per_sm=9),
-        dict(tile=2048, num_warps=4, shared_tables=True, programs_per_sm=4),
     ):
         cfg = k8.QuantizeBlockwiseConfig(**kw)
         variants.append(

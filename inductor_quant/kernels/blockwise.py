@@ -27,11 +27,6 @@ holds 1 midpoint with ``KEY_SHIFT=17`` (2 for the unsigned map; 2 and 3 with ``K
 an element costs 1 + 1 table lookups instead of the 8 dependent lookups of a binary search
 (``SEARCH="bsearch"``, kept for comparison in the benchmark).
 
-With ``QuantizeBlockwiseConfig(shared_tables=True)`` (NVIDIA GPUs) the programs are persistent: each
-copies both tables into a static shared-memory array once (inline PTX: Triton has no shared-memory
-pointers) and then reads them with 32-bit shared-memory loads for every tile it quantizes, instead
-of two gathers per element through L1.
-
 Blocks whose absmax is zero, non-finite or subnormal (reciprocal 0, NaN or Inf) are the only ones
 where ``xn`` can be NaN or infinite; tiles without such a block skip the NaN fix and the bucket
 clamp (see :func:`normalize_blocks_split`).
@@ -174,74 +169,25 @@ def _search_tables_kernel(
         tl.store(mid_ptr + i, _midpoints(code_ptr, i))
 
 
-# Static shared-memory copy of the search tables for ``shared_tables`` (NVIDIA only: inline PTX,
-# which Triton has no shared-memory pointer for): the 512 midpoints at byte 0, the bucket table at
-# byte 2048. The array is declared once per kernel by :func:`_declare_shared_tables`.
-SHARED_MIDS_BYTES = tl.constexpr(2 * 256 * 4)
-SHARED_TABLE_BYTES = 2 * 256 * 4 + 16384
-
-
 @triton.jit
-def _declare_shared_tables(x):
-    """Declare the kernel's static shared array ``iq_tables`` (emitted once, before any use);
-    returns ``x``."""
-    return tl.inline_asm_elementwise(
-        ".shared .align 16 .b8 iq_tables[18432];\n\tmov.b32 $0, $1;",
-        "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1,
-    )
-
-
-@triton.jit
-def _store_shared_word(byte_offset, word):
-    """``iq_tables[byte_offset:byte_offset + 4] = word`` (int32) for each element; returns a dummy."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 a; mov.b32 a, iq_tables; add.s32 a, a, $1; st.shared.b32 [a], $2; mov.b32 $0, 0; }",
-        "=r,r,r", [byte_offset, word], dtype=tl.int32, is_pure=False, pack=1,
-    )
-
-
-@triton.jit
-def _shared_first(b):
-    """The bucket table entry ``first[b]`` from the shared copy."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 a; mov.b32 a, iq_tables; add.s32 a, a, $1; ld.shared.u8 $0, [a+2048]; }",
-        "=r,r", [b], dtype=tl.int32, is_pure=False, pack=1,
-    )
-
-
-@triton.jit
-def _shared_mid(i):
-    """The midpoint ``mid[i]`` from the shared copy."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 a, o; shl.b32 o, $1, 2; mov.b32 a, iq_tables; add.s32 a, a, o; ld.shared.f32 $0, [a]; }",
-        "=f,r", [i], dtype=tl.float32, is_pure=False, pack=1,
-    )
-
-
-@triton.jit
-def _first_entry(first_ptr, b, SHARED: tl.constexpr):
-    if SHARED:
-        return _shared_first(b)
-    return tl.load(first_ptr + b).to(tl.int32)
-
-
-@triton.jit
-def _midpoint(mid_ptr, i, SHARED: tl.constexpr):
-    if SHARED:
-        return _shared_mid(i)
-    return tl.load(mid_ptr + i)
-
-
-@triton.jit
-def _quantize_blockwise_tile(
-    x_ptr, mid_ptr, first_ptr, fullest_ptr, q_ptr, absmax_ptr, n, tile,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SEARCH: tl.constexpr, KEY_SHIFT: tl.constexpr,
-    BUCKETS: tl.constexpr, PROBES: tl.constexpr, SHARED: tl.constexpr,
+def _quantize_blockwise_kernel(
+    x_ptr,
+    mid_ptr,
+    first_ptr,
+    fullest_ptr,
+    q_ptr,
+    absmax_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    SEARCH: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    BUCKETS: tl.constexpr,
+    PROBES: tl.constexpr,
 ):
-    """Quantize tile ``tile`` (int64) of ``ROWS`` blocks; the tables are read from the shared copy
-    with ``SHARED``, otherwise from global memory (L1)."""
     TILE: tl.constexpr = ROWS * BLOCKSIZE
     MIDS: tl.constexpr = 2 * CODE_ENTRIES
+    tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
     start = tile * TILE
     remaining = tl.minimum(n - start, TILE).to(tl.int32)
     offs = tl.arange(0, TILE)
@@ -256,66 +202,26 @@ def _quantize_blockwise_tile(
         if special != 0:  # xn may be +-Inf (tiny absmax): clamp the bucket
             tl.debug_barrier()  # keeps this a branch (see normalize_blocks_split)
             b = tl.minimum(tl.maximum(b, 0), BUCKETS - 1)
-        base = _first_entry(first_ptr, b, SHARED)
+        base = tl.load(first_ptr + b).to(tl.int32)
         q = base
         if special != 0:
             tl.debug_barrier()
             for p in tl.static_range(PROBES):
-                q += (xn > _midpoint(mid_ptr, base + p, SHARED)).to(tl.int32)
+                q += (xn > tl.load(mid_ptr + base + p)).to(tl.int32)
         else:
             # For finite xn, xn > mid <=> the sign bit of the fp32 difference mid - xn (rounding
             # keeps the sign; equal values give +0): an add and a shift-add per probe instead of a
             # compare and a select chain.
             for p in tl.static_range(PROBES):
-                mid = _midpoint(mid_ptr, base + p, SHARED)
+                mid = tl.load(mid_ptr + base + p)
                 q += ((mid - xn).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
         for p in range(PROBES, tl.load(fullest_ptr)):
-            q += (xn > _midpoint(mid_ptr, tl.minimum(base + p, MIDS - 1), SHARED)).to(tl.int32)
+            q += (xn > tl.load(mid_ptr + tl.minimum(base + p, MIDS - 1))).to(tl.int32)
     else:
         q = tl.zeros([TILE], tl.int32)
         for level in tl.static_range(8):
             q += tl.where(xn > tl.load(mid_ptr + q + ((128 >> level) - 1)), 128 >> level, 0)
     store_tile(q_ptr, start, remaining, offs, q.to(tl.uint8), TILE)
-
-
-@triton.jit
-def _quantize_blockwise_kernel(
-    x_ptr, mid_ptr, first_ptr, fullest_ptr, q_ptr, absmax_ptr, n,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SEARCH: tl.constexpr, KEY_SHIFT: tl.constexpr,
-    BUCKETS: tl.constexpr, PROBES: tl.constexpr,
-):
-    """One tile per program, the tables read through L1."""
-    _quantize_blockwise_tile(
-        x_ptr, mid_ptr, first_ptr, fullest_ptr, q_ptr, absmax_ptr, n, tl.program_id(0).to(tl.int64),  # int64: offsets may exceed 2**31
-        BLOCKSIZE, ROWS, SEARCH, KEY_SHIFT, BUCKETS, PROBES, False,
-    )
-
-
-@triton.jit
-def _quantize_blockwise_shared_kernel(
-    x_ptr, mid_ptr, first_ptr, fullest_ptr, q_ptr, absmax_ptr, n,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr,
-    PROBES: tl.constexpr,
-):
-    """Persistent programs that copy the search tables (2 KB of midpoints, a 16 KB bucket table)
-    into shared memory once, then quantize every ``num_programs``-th tile reading them from there:
-    shared-memory lookups with 32-bit addresses instead of two L1 gathers per element, which keep
-    the L1 unit of the one-tile kernel at 86 % of its throughput (ncu, ``tools/notes_quant.md``)."""
-    TILE: tl.constexpr = ROWS * BLOCKSIZE
-    FILL: tl.constexpr = 512 if 512 < BUCKETS // 4 else BUCKETS // 4
-    pid = _declare_shared_tables(tl.program_id(0))
-    m = tl.arange(0, 2 * CODE_ENTRIES)
-    _store_shared_word(4 * m, tl.load(mid_ptr + m).to(tl.int32, bitcast=True))
-    first_words = first_ptr.to(tl.pointer_type(tl.int32))
-    for w0 in tl.static_range(0, BUCKETS // 4, FILL):
-        w = w0 + tl.arange(0, FILL)
-        _store_shared_word(SHARED_MIDS_BYTES + 4 * w, tl.load(first_words + w))
-    tl.debug_barrier()
-    for tile in range(pid, tl.cdiv(n, TILE), tl.num_programs(0)):
-        _quantize_blockwise_tile(
-            x_ptr, mid_ptr, first_ptr, fullest_ptr, q_ptr, absmax_ptr, n, tile.to(tl.int64),
-            BLOCKSIZE, ROWS, "bucket", KEY_SHIFT, BUCKETS, PROBES, True,
-        )
 
 
 @triton.jit
@@ -367,8 +273,7 @@ class QuantizeBlockwiseConfig:
     table, then the bucket's midpoints probed) or "bsearch" (a binary search of the midpoints);
     ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
     ``probes``: unrolled in-bucket comparisons of "bucket" (more run in a loop when a bucket
-    holds more); ``shared_tables``: persistent programs (``programs_per_sm`` per SM) that read the
-    tables from a shared-memory copy (NVIDIA GPUs only; elsewhere the one-tile kernel runs).
+    holds more).
     """
 
     def __init__(
@@ -379,17 +284,8 @@ class QuantizeBlockwiseConfig:
         key_shift: int = 17,
         buckets: int = 16384,
         probes: int = 1,
-        shared_tables: bool = False,
-        programs_per_sm: int = 8,
     ) -> None:
         check_launch_shape(tile, num_warps)
-        if shared_tables and (search != "bucket" or buckets > 16384):
-            raise ValueError(
-                f"shared_tables=True needs search='bucket' and buckets <= 16384 (the shared copy's size), "
-                f"got search={search!r}, buckets={buckets}"
-            )
-        if programs_per_sm < 1:
-            raise ValueError(f"programs_per_sm must be positive, got {programs_per_sm}")
         if search not in ("bucket", "bsearch"):
             raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
         if buckets & (buckets - 1):
@@ -403,14 +299,11 @@ class QuantizeBlockwiseConfig:
         self.key_shift = key_shift
         self.buckets = buckets
         self.probes = probes
-        self.shared_tables = shared_tables
-        self.programs_per_sm = programs_per_sm
 
     def __repr__(self) -> str:
         return (
             f"QuantizeBlockwiseConfig(tile={self.tile}, num_warps={self.num_warps}, search={self.search!r}, "
-            f"key_shift={self.key_shift}, buckets={self.buckets}, probes={self.probes}, "
-            f"shared_tables={self.shared_tables}, programs_per_sm={self.programs_per_sm})"
+            f"key_shift={self.key_shift}, buckets={self.buckets}, probes={self.probes})"
         )
 
 
@@ -434,11 +327,6 @@ _INTERPRETER_TILE = 1 << 16
 
 def _is_interpreted(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
-
-
-def _has_inline_ptx(t: torch.Tensor) -> bool:
-    """Whether kernels for ``t``'s device compile inline PTX (NVIDIA GPUs)."""
-    return t.device.type == "cuda" and torch.version.hip is None
 
 
 # 64 buckets per octave: every bucket of the signed dynamic map holds at most one midpoint (the
@@ -556,17 +444,24 @@ def quantize_blockwise(
     tile = max(_INTERPRETER_TILE if _is_interpreted(A) else config.tile, blocksize)
     # a block larger than the configured tile keeps the configured elements per warp
     num_warps = min(16, config.num_warps * max(1, tile // config.tile))
-    tiles = -(-n // tile)
     with device_guard(A):
         mid, fullest, first = _search_tables(code, config)
-        args = (A, mid, first, fullest, out, absmax, n)
-        shape = dict(BLOCKSIZE=blocksize, ROWS=tile // blocksize, KEY_SHIFT=config.key_shift, BUCKETS=config.buckets,
-                     PROBES=config.probes, num_warps=num_warps)
-        if config.shared_tables and _has_inline_ptx(A):
-            programs = min(tiles, num_sms(A.device) * config.programs_per_sm)
-            _quantize_blockwise_shared_kernel[(programs,)](*args, **shape)
-        else:
-            _quantize_blockwise_kernel[(tiles,)](*args, SEARCH=config.search, **shape)
+        _quantize_blockwise_kernel[(-(-n // tile),)](
+            A,
+            mid,
+            first,
+            fullest,
+            out,
+            absmax,
+            n,
+            BLOCKSIZE=blocksize,
+            ROWS=tile // blocksize,
+            SEARCH=config.search,
+            KEY_SHIFT=config.key_shift,
+            BUCKETS=config.buckets,
+            PROBES=config.probes,
+            num_warps=num_warps,
+        )
 
 
 def dequantize_blockwise(
