@@ -42,8 +42,14 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Two full tiles of the 8-bit quantize launch under the interpreter (many on a GPU): a tile with a
 # partial or special block takes the kernel's slow branch, so the fast one needs full tiles.
 FULL_8BIT_TILES = 2 * k8._INTERPRETER_TILE
-# the 8-bit searches: uint8 bucket table (default), binary search
-SEARCHES = ("bucket", "bsearch")
+# the 8-bit quantize's searches: the uint8 bucket table (default; also under a register cap), a
+# binary search
+SEARCH_CONFIGS = {
+    "bucket": k8.QuantizeBlockwiseConfig(),
+    "bucket-maxnreg48": k8.QuantizeBlockwiseConfig(maxnreg=48),
+    "bsearch": k8.QuantizeBlockwiseConfig(search="bsearch"),
+}
+SEARCHES = tuple(SEARCH_CONFIGS)
 SETTINGS = settings(max_examples=6 if HAS_CUDA else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -190,7 +196,7 @@ def test_blockwise_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, s
     A = random_input(n, dtype, blocksize, specials, device=DEVICE)
     if not signed:
         A = A.abs()
-    q, absmax = check_quantize_blockwise(A, code, blocksize, k8.QuantizeBlockwiseConfig(search=search))
+    q, absmax = check_quantize_blockwise(A, code, blocksize, SEARCH_CONFIGS[search])
     check_dequantize_blockwise(q, absmax, code, blocksize, out_dtype)
 
 
@@ -207,7 +213,9 @@ def test_4bit_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, quant_
 
 
 QUANTIZE_4BIT_CONFIGS = [
-    k4.Quantize4bitConfig(smem_table=smem_table) for smem_table in (False, True)
+    k4.Quantize4bitConfig(smem_table=False),
+    k4.Quantize4bitConfig(),
+    k4.Quantize4bitConfig(maxnreg=40),
 ]
 
 
@@ -222,8 +230,8 @@ QUANTIZE_4BIT_CONFIGS = [
     ],
 )
 def test_4bit_quantize_configs_match_reference(config, dtype, offset, blocksize, quant_type):
-    """Both table lookups (shared memory / L1) on two full tiles (the fast path) plus a partial one
-    with special blocks."""
+    """Both table lookups (shared memory / L1), and a register cap, on two full tiles (the fast
+    path) plus a partial one with special blocks."""
     tile = k4._tile(torch.empty(0, device=DEVICE), config.tile, blocksize)
     n = 2 * tile + 3 * blocksize + 5
     A = random_input(n + offset, dtype, blocksize, True, device=DEVICE)[offset:]
@@ -271,7 +279,7 @@ def test_blockwise_arbitrary_tables(search):
         half = FULL_8BIT_TILES // 2
         full_tiles = torch.cat([torch.randn(half), 0.5 + 0.01 * torch.rand(half)])
         A = torch.cat([full_tiles, torch.randn(3000), torch.zeros(64), -torch.zeros(64)])
-        check_quantize_blockwise(A.to(DEVICE), code.to(DEVICE), 256, k8.QuantizeBlockwiseConfig(search=search))
+        check_quantize_blockwise(A.to(DEVICE), code.to(DEVICE), 256, SEARCH_CONFIGS[search])
 
 
 @pytest.mark.parametrize(
@@ -320,6 +328,13 @@ def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
         k8.QuantizeBlockwiseConfig(key_shift=17, buckets=8192)
 
 
+@pytest.mark.parametrize("config_class", [k8.QuantizeBlockwiseConfig, k4.Quantize4bitConfig])
+@pytest.mark.parametrize("maxnreg", [8, 256, 48.0])
+def test_quantize_configs_reject_register_caps_ptxas_cannot_take(config_class, maxnreg):
+    with pytest.raises(ValueError, match=r"maxnreg must be None or an int in \[16, 255\], got"):
+        config_class(maxnreg=maxnreg)
+
+
 @pytest.mark.parametrize("search", SEARCHES)
 def test_blockwise_exact_codes_and_midpoints(search):
     """Every code value maps to itself; every exact midpoint maps to the lower code, its next fp32
@@ -329,7 +344,7 @@ def test_blockwise_exact_codes_and_midpoints(search):
     values = torch.cat([code, mids, torch.nextafter(mids, torch.tensor(2.0, device=DEVICE))])
     pattern = torch.stack([values, torch.ones_like(values)], 1).reshape(-1)  # absmax 1
     A = pattern.repeat(-(-FULL_8BIT_TILES // pattern.numel()) + 1)  # full tiles, then a partial one
-    q, _ = check_quantize_blockwise(A, code, 32, k8.QuantizeBlockwiseConfig(search=search))
+    q, _ = check_quantize_blockwise(A, code, 32, SEARCH_CONFIGS[search])
     q = q.view(-1, values.numel(), 2)[..., 0].long().cpu()
     assert torch.equal(q[:, :256], torch.arange(256).expand(q.shape[0], -1))
     assert torch.equal(q[:, 256:511], torch.arange(255).expand(q.shape[0], -1))
@@ -465,7 +480,7 @@ def test_gpu_search_variants_and_unsigned_map():
     """Every search on both dynamic maps (the unsigned map's fuller buckets take the run-time probe
     loop)."""
     A = random_input(1 << 22, torch.bfloat16, 256, True, device="cuda")
-    configs = [k8.QuantizeBlockwiseConfig(search=search) for search in SEARCHES]
+    configs = list(SEARCH_CONFIGS.values())
     for signed in (True, False):
         code = dynamic_map(signed, device="cuda")
         x = A if signed else A.abs()

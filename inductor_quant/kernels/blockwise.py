@@ -265,6 +265,13 @@ def check_launch_shape(tile: int, num_warps: int) -> None:
             raise ValueError(f"{name} must be a positive power of two, got {value!r}")
 
 
+def check_register_cap(maxnreg: int | None) -> None:
+    """A config's register cap per thread (``maxnreg`` of the launch: fewer registers, more resident
+    warps) is None or what ptxas accepts."""
+    if maxnreg is not None and not (isinstance(maxnreg, int) and 16 <= maxnreg <= 255):
+        raise ValueError(f"maxnreg must be None or an int in [16, 255], got {maxnreg!r}")
+
+
 class QuantizeBlockwiseConfig:
     """Launch parameters of the 8-bit quantize kernel.
 
@@ -273,7 +280,7 @@ class QuantizeBlockwiseConfig:
     table, then the bucket's midpoints probed) or "bsearch" (a binary search of the midpoints);
     ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
     ``probes``: unrolled in-bucket comparisons of "bucket" (more run in a loop when a bucket
-    holds more).
+    holds more); ``maxnreg``: a register cap per thread (None: the compiler's choice).
     """
 
     def __init__(
@@ -284,8 +291,10 @@ class QuantizeBlockwiseConfig:
         key_shift: int = 17,
         buckets: int = 16384,
         probes: int = 1,
+        maxnreg: int | None = None,
     ) -> None:
         check_launch_shape(tile, num_warps)
+        check_register_cap(maxnreg)
         if search not in ("bucket", "bsearch"):
             raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
         if buckets & (buckets - 1):
@@ -299,11 +308,12 @@ class QuantizeBlockwiseConfig:
         self.key_shift = key_shift
         self.buckets = buckets
         self.probes = probes
+        self.maxnreg = maxnreg
 
     def __repr__(self) -> str:
         return (
             f"QuantizeBlockwiseConfig(tile={self.tile}, num_warps={self.num_warps}, search={self.search!r}, "
-            f"key_shift={self.key_shift}, buckets={self.buckets}, probes={self.probes})"
+            f"key_shift={self.key_shift}, buckets={self.buckets}, probes={self.probes}, maxnreg={self.maxnreg})"
         )
 
 
@@ -461,6 +471,7 @@ def quantize_blockwise(
             BUCKETS=config.buckets,
             PROBES=config.probes,
             num_warps=num_warps,
+            maxnreg=config.maxnreg,
         )
 
 

@@ -36,6 +36,7 @@ from ._constants import to_device_constant
 from .blockwise import (
     block_absmax,
     check_launch_shape,
+    check_register_cap,
     device_guard,
     load_tile,
     normalize_blocks_split,
@@ -208,17 +209,25 @@ def _dequantize_4bit_kernel(
 
 
 class Quantize4bitConfig:
-    """Launch parameters of the 4-bit quantize kernel: input elements per program, warps, and
-    whether the bucket table is read from shared memory (``tl.gather``) or through L1."""
+    """Launch parameters of the 4-bit quantize kernel: input elements per program, warps, whether
+    the bucket table is read from shared memory (``tl.gather``) or through L1, and a register cap
+    per thread (``maxnreg``; None: the compiler's choice)."""
 
-    def __init__(self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True) -> None:
+    def __init__(
+        self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True, maxnreg: int | None = None
+    ) -> None:
         check_launch_shape(tile, num_warps)
+        check_register_cap(maxnreg)
         self.tile = tile
         self.num_warps = num_warps
         self.smem_table = smem_table
+        self.maxnreg = maxnreg
 
     def __repr__(self) -> str:
-        return f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table})"
+        return (
+            f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table}, "
+            f"maxnreg={self.maxnreg})"
+        )
 
 
 class Dequantize4bitConfig:
@@ -300,6 +309,7 @@ def quantize_4bit(
             FP4=quant_type == "fp4",
             SMEM_TABLE=config.smem_table,
             num_warps=config.num_warps,
+            maxnreg=config.maxnreg,
         )
 
 
