@@ -42,11 +42,12 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Two full tiles of the 8-bit quantize launch under the interpreter (many on a GPU): a tile with a
 # partial or special block takes the kernel's slow branch, so the fast one needs full tiles.
 FULL_8BIT_TILES = 2 * k8._INTERPRETER_TILE
-# the 8-bit quantize's searches: the uint8 bucket table (default; also under a register cap), a
-# binary search
+# the 8-bit quantize's searches: the uint8 bucket table (default; also under a register cap, and with
+# the L2 prefetch of the next tile, which only NVIDIA sm_90+ GPUs run), a binary search
 SEARCH_CONFIGS = {
     "bucket": k8.QuantizeBlockwiseConfig(),
     "bucket-maxnreg48": k8.QuantizeBlockwiseConfig(maxnreg=48),
+    "bucket-prefetch": k8.QuantizeBlockwiseConfig(prefetch_ahead=1),
     "bsearch": k8.QuantizeBlockwiseConfig(search="bsearch"),
 }
 SEARCHES = tuple(SEARCH_CONFIGS)
@@ -216,6 +217,7 @@ QUANTIZE_4BIT_CONFIGS = [
     k4.Quantize4bitConfig(smem_table=False),
     k4.Quantize4bitConfig(),
     k4.Quantize4bitConfig(maxnreg=40),
+    k4.Quantize4bitConfig(prefetch_ahead=1),
 ]
 
 
@@ -230,8 +232,8 @@ QUANTIZE_4BIT_CONFIGS = [
     ],
 )
 def test_4bit_quantize_configs_match_reference(config, dtype, offset, blocksize, quant_type):
-    """Both table lookups (shared memory / L1), and a register cap, on two full tiles (the fast
-    path) plus a partial one with special blocks."""
+    """Both table lookups (shared memory / L1), a register cap and the L2 prefetch, on two full
+    tiles (the fast path) plus a partial one with special blocks."""
     tile = k4._tile(torch.empty(0, device=DEVICE), config.tile, blocksize)
     n = 2 * tile + 3 * blocksize + 5
     A = random_input(n + offset, dtype, blocksize, True, device=DEVICE)[offset:]
@@ -333,6 +335,25 @@ def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
 def test_quantize_configs_reject_register_caps_ptxas_cannot_take(config_class, maxnreg):
     with pytest.raises(ValueError, match=r"maxnreg must be None or an int in \[16, 255\], got"):
         config_class(maxnreg=maxnreg)
+
+
+@pytest.mark.parametrize("config_class", [k8.QuantizeBlockwiseConfig, k4.Quantize4bitConfig])
+@pytest.mark.parametrize("prefetch_ahead", [-1, 2.0])
+def test_quantize_configs_reject_bad_prefetch_distances(config_class, prefetch_ahead):
+    with pytest.raises(ValueError, match="prefetch_ahead must be an int >= 0, got"):
+        config_class(prefetch_ahead=prefetch_ahead)
+
+
+def test_prefetch_is_off_where_the_kernel_cannot_issue_it():
+    """The interpreter (CPU tensors) and unaligned inputs launch without the inline-PTX prefetch."""
+    A = torch.randn(4096)
+    assert k8.prefetch_distance(A, 0) == 0
+    assert k8.prefetch_distance(A, 8) == 0
+    if HAS_CUDA:
+        G = torch.randn(4097, device="cuda")
+        assert k8.prefetch_distance(G[1:], 8) == 0
+        sm90 = torch.cuda.get_device_capability() >= (9, 0) and torch.version.hip is None
+        assert k8.prefetch_distance(G, 8) == (8 if sm90 else 0)
 
 
 @pytest.mark.parametrize("search", SEARCHES)

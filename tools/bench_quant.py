@@ -263,6 +263,9 @@ def sweep_variants():
         dict(tile=2048, num_warps=2, maxnreg=48),
         dict(tile=2048, num_warps=2, maxnreg=40),
         dict(tile=4096, num_warps=4, maxnreg=48),
+        dict(tile=2048, num_warps=2, prefetch_ahead=1024),
+        dict(tile=2048, num_warps=2, prefetch_ahead=2048),
+        dict(tile=2048, num_warps=2, prefetch_ahead=4096),
     ):
         cfg = k4.Quantize4bitConfig(**kw)
         variants.append(
@@ -279,6 +282,10 @@ def sweep_variants():
         dict(tile=512, num_warps=1, maxnreg=64),
         dict(tile=512, num_warps=1, maxnreg=48),
         dict(tile=1024, num_warps=2, maxnreg=48),
+        dict(tile=512, num_warps=1, prefetch_ahead=2048),
+        dict(tile=512, num_warps=1, prefetch_ahead=4096),
+        dict(tile=512, num_warps=1, prefetch_ahead=8192),
+        dict(tile=512, num_warps=1, maxnreg=64, prefetch_ahead=4096),
     ):
         cfg = k8.QuantizeBlockwiseConfig(**kw)
         variants.append(

@@ -80,7 +80,8 @@ def _quantize_blockwise_preset() -> Preset:
         kernel="inductor_quant.kernels.blockwise._quantize_blockwise_kernel",
         signature={**pointers, "n": "i64"},
         constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, SEARCH=config.search,
-                        KEY_SHIFT=config.key_shift, BUCKETS=config.buckets, PROBES=config.probes),
+                        KEY_SHIFT=config.key_shift, BUCKETS=config.buckets, PROBES=config.probes,
+                        PREFETCH_AHEAD=config.prefetch_ahead),
         num_warps=config.num_warps,
         codes_per_iteration=config.tile // (32 * config.num_warps),  # elements per thread
         aligned=(*pointers, "n"),
@@ -98,7 +99,8 @@ def _quantize_4bit_preset(smem_table: bool = True) -> Preset:
     return Preset(
         kernel="inductor_quant.kernels.fourbit._quantize_4bit_kernel",
         signature=signature,
-        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table),
+        constexprs=dict(BLOCKSIZE=blocksize, ROWS=config.tile // blocksize, FP4=False, SMEM_TABLE=config.smem_table,
+                        PREFETCH_AHEAD=config.prefetch_ahead),
         num_warps=config.num_warps,
         codes_per_iteration=config.tile // (32 * config.num_warps),  # elements per thread
         aligned=tuple(signature),

@@ -47,6 +47,8 @@ __all__ = [
     "block_absmax",
     "normalize_blocks_split",
     "load_tile",
+    "prefetch_tile_ahead",
+    "prefetch_distance",
     "store_tile",
     "quantize_blockwise",
     "dequantize_blockwise",
@@ -109,6 +111,31 @@ def _bucket_key(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
 def _bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
     """Monotone bucket of any fp32 value (clamped to ``[0, BUCKETS)``)."""
     return tl.minimum(tl.maximum(_bucket_key(v, KEY_SHIFT, BUCKETS), 0), BUCKETS - 1)
+
+
+@triton.jit
+def prefetch_tile_ahead(x_ptr, tile, n, AHEAD: tl.constexpr, TILE: tl.constexpr):
+    """Ask L2 for the input tile ``AHEAD`` tiles after ``tile`` (when ``AHEAD > 0`` and that tile is
+    full): one bulk prefetch (``cp.async.bulk.prefetch.L2``, sm_90+) issued by one thread, which
+    puts DRAM reads in flight for a program of a later wave without holding registers. Needs a
+    16-byte aligned ``x_ptr``."""
+    if AHEAD > 0:
+        ahead = tile + AHEAD
+        if (ahead + 1) * TILE <= n:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+                "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+                "=r,l,r", [x_ptr + ahead * TILE, TILE * (x_ptr.dtype.element_ty.primitive_bitwidth // 8)],
+                dtype=tl.int32, is_pure=False, pack=1,
+            )
+
+
+def prefetch_distance(A: torch.Tensor, ahead: int) -> int:
+    """The ``AHEAD`` a launch over ``A`` may use: ``ahead`` on NVIDIA GPUs of compute capability 9 or
+    more with a 16-byte aligned ``A``, else 0 (no prefetch; the interpreter cannot run inline PTX)."""
+    if ahead == 0 or A.device.type != "cuda" or torch.version.hip is not None or A.data_ptr() % 16:
+        return 0
+    return ahead if torch.cuda.get_device_capability(A.device) >= (9, 0) else 0
 
 
 @triton.jit
@@ -184,10 +211,12 @@ def _quantize_blockwise_kernel(
     KEY_SHIFT: tl.constexpr,
     BUCKETS: tl.constexpr,
     PROBES: tl.constexpr,
+    PREFETCH_AHEAD: tl.constexpr,
 ):
     TILE: tl.constexpr = ROWS * BLOCKSIZE
     MIDS: tl.constexpr = 2 * CODE_ENTRIES
     tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
+    prefetch_tile_ahead(x_ptr, tile, n, PREFETCH_AHEAD, TILE)
     start = tile * TILE
     remaining = tl.minimum(n - start, TILE).to(tl.int32)
     offs = tl.arange(0, TILE)
@@ -272,6 +301,12 @@ def check_register_cap(maxnreg: int | None) -> None:
         raise ValueError(f"maxnreg must be None or an int in [16, 255], got {maxnreg!r}")
 
 
+def check_prefetch_ahead(prefetch_ahead: int) -> None:
+    """A config's L2 prefetch distance in tiles: 0 (off) or positive."""
+    if not (isinstance(prefetch_ahead, int) and prefetch_ahead >= 0):
+        raise ValueError(f"prefetch_ahead must be an int >= 0, got {prefetch_ahead!r}")
+
+
 class QuantizeBlockwiseConfig:
     """Launch parameters of the 8-bit quantize kernel.
 
@@ -280,7 +315,9 @@ class QuantizeBlockwiseConfig:
     table, then the bucket's midpoints probed) or "bsearch" (a binary search of the midpoints);
     ``key_shift``/``buckets``: bucket table shape (``2**(23 - key_shift)`` buckets per octave);
     ``probes``: unrolled in-bucket comparisons of "bucket" (more run in a loop when a bucket
-    holds more); ``maxnreg``: a register cap per thread (None: the compiler's choice).
+    holds more); ``maxnreg``: a register cap per thread (None: the compiler's choice);
+    ``prefetch_ahead``: each program asks L2 for the input tile this many tiles ahead (0: off; NVIDIA
+    sm_90+ only, see :func:`prefetch_tile_ahead`).
     """
 
     def __init__(
@@ -292,9 +329,11 @@ class QuantizeBlockwiseConfig:
         buckets: int = 16384,
         probes: int = 1,
         maxnreg: int | None = None,
+        prefetch_ahead: int = 0,
     ) -> None:
         check_launch_shape(tile, num_warps)
         check_register_cap(maxnreg)
+        check_prefetch_ahead(prefetch_ahead)
         if search not in ("bucket", "bsearch"):
             raise ValueError(f"search must be 'bucket' or 'bsearch', got {search!r}")
         if buckets & (buckets - 1):
@@ -309,11 +348,13 @@ class QuantizeBlockwiseConfig:
         self.buckets = buckets
         self.probes = probes
         self.maxnreg = maxnreg
+        self.prefetch_ahead = prefetch_ahead
 
     def __repr__(self) -> str:
         return (
             f"QuantizeBlockwiseConfig(tile={self.tile}, num_warps={self.num_warps}, search={self.search!r}, "
-            f"key_shift={self.key_shift}, buckets={self.buckets}, probes={self.probes}, maxnreg={self.maxnreg})"
+            f"key_shift={self.key_shift}, buckets={self.buckets}, probes={self.probes}, maxnreg={self.maxnreg}, "
+            f"prefetch_ahead={self.prefetch_ahead})"
         )
 
 
@@ -470,6 +511,7 @@ def quantize_blockwise(
             KEY_SHIFT=config.key_shift,
             BUCKETS=config.buckets,
             PROBES=config.probes,
+            PREFETCH_AHEAD=prefetch_distance(A, config.prefetch_ahead),
             num_warps=num_warps,
             maxnreg=config.maxnreg,
         )

@@ -36,10 +36,13 @@ from ._constants import to_device_constant
 from .blockwise import (
     block_absmax,
     check_launch_shape,
+    check_prefetch_ahead,
     check_register_cap,
     device_guard,
     load_tile,
     normalize_blocks_split,
+    prefetch_distance,
+    prefetch_tile_ahead,
     store_tile,
 )
 
@@ -147,11 +150,13 @@ def _into_table_range(xn, special):
 def _quantize_4bit_kernel(
     x_ptr, table_ptr, packed_ptr, absmax_ptr, n,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, SMEM_TABLE: tl.constexpr,
+    PREFETCH_AHEAD: tl.constexpr,
 ):
     """Any float dtype, any ``n``: one ``[ROWS, BLOCKSIZE]`` tile of elements per program."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     TILE: tl.constexpr = ROWS * BLOCKSIZE
     tile = tl.program_id(0).to(tl.int64)  # int64: offsets may exceed 2**31
+    prefetch_tile_ahead(x_ptr, tile, n, PREFETCH_AHEAD, TILE)
     start = tile * TILE
     remaining = tl.minimum(n - start, TILE).to(tl.int32)
     rows = tl.arange(0, ROWS)
@@ -210,23 +215,27 @@ def _dequantize_4bit_kernel(
 
 class Quantize4bitConfig:
     """Launch parameters of the 4-bit quantize kernel: input elements per program, warps, whether
-    the bucket table is read from shared memory (``tl.gather``) or through L1, and a register cap
-    per thread (``maxnreg``; None: the compiler's choice)."""
+    the bucket table is read from shared memory (``tl.gather``) or through L1, a register cap per
+    thread (``maxnreg``; None: the compiler's choice) and an L2 prefetch distance in tiles
+    (``prefetch_ahead``; 0: off; see ``blockwise.prefetch_tile_ahead``)."""
 
     def __init__(
-        self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True, maxnreg: int | None = None
+        self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True, maxnreg: int | None = None,
+        prefetch_ahead: int = 0,
     ) -> None:
         check_launch_shape(tile, num_warps)
         check_register_cap(maxnreg)
+        check_prefetch_ahead(prefetch_ahead)
         self.tile = tile
         self.num_warps = num_warps
         self.smem_table = smem_table
         self.maxnreg = maxnreg
+        self.prefetch_ahead = prefetch_ahead
 
     def __repr__(self) -> str:
         return (
             f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table}, "
-            f"maxnreg={self.maxnreg})"
+            f"maxnreg={self.maxnreg}, prefetch_ahead={self.prefetch_ahead})"
         )
 
 
@@ -308,6 +317,7 @@ def quantize_4bit(
             ROWS=tile // blocksize,
             FP4=quant_type == "fp4",
             SMEM_TABLE=config.smem_table,
+            PREFETCH_AHEAD=prefetch_distance(A, config.prefetch_ahead),
             num_warps=config.num_warps,
             maxnreg=config.maxnreg,
         )
