@@ -47,6 +47,7 @@ __all__ = [
     "block_absmax",
     "normalize_blocks_split",
     "load_tile",
+    "prefetch_l2",
     "prefetch_tile_ahead",
     "prefetch_distance",
     "store_tile",
@@ -114,20 +115,25 @@ def _bucket(v, KEY_SHIFT: tl.constexpr, BUCKETS: tl.constexpr):
 
 
 @triton.jit
+def prefetch_l2(address, nbytes):
+    """Ask L2 for ``nbytes`` (a multiple of 16) at ``address`` (16-byte aligned): one bulk prefetch
+    (``cp.async.bulk.prefetch.L2``, sm_90+) issued by thread 0 of the program. It puts DRAM reads in
+    flight for a program that runs later without holding registers; nothing waits for it."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+        "=r,l,r", [address, nbytes], dtype=tl.int32, is_pure=False, pack=1,
+    )
+
+
+@triton.jit
 def prefetch_tile_ahead(x_ptr, tile, n, AHEAD: tl.constexpr, TILE: tl.constexpr):
-    """Ask L2 for the input tile ``AHEAD`` tiles after ``tile`` (when ``AHEAD > 0`` and that tile is
-    full): one bulk prefetch (``cp.async.bulk.prefetch.L2``, sm_90+) issued by one thread, which
-    puts DRAM reads in flight for a program of a later wave without holding registers. Needs a
-    16-byte aligned ``x_ptr``."""
+    """:func:`prefetch_l2` of the input tile ``AHEAD`` tiles after ``tile``, when ``AHEAD > 0`` and
+    that tile is full. Needs a 16-byte aligned ``x_ptr``."""
     if AHEAD > 0:
         ahead = tile + AHEAD
         if (ahead + 1) * TILE <= n:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-                "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-                "=r,l,r", [x_ptr + ahead * TILE, TILE * (x_ptr.dtype.element_ty.primitive_bitwidth // 8)],
-                dtype=tl.int32, is_pure=False, pack=1,
-            )
+            prefetch_l2(x_ptr + ahead * TILE, TILE * (x_ptr.dtype.element_ty.primitive_bitwidth // 8))
 
 
 def prefetch_distance(A: torch.Tensor, ahead: int) -> int:

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .blockwise import prefetch_distance, prefetch_l2
+
 __all__ = [
     "NESTED_BLOCKSIZE",
     "FUSED_MAX_M",
@@ -92,6 +94,7 @@ class KernelConfig:
     num_stages: int = 1
     split_k: int | None = None  # dot kernel: None = enough K-splits to fill the GPU
     act_left: bool = False  # dot kernel: A @ W.T instead of W @ A.T
+    prefetch_ahead: int = 0  # GEMV kernel: L2 prefetch of the weight rows this many programs ahead
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,11 +250,19 @@ def _gemv_4bit_kernel(
     A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
     M, N, K, stride_am, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr, PREFETCH_AHEAD: tl.constexpr,
 ):
-    """``out[m, n-tile] = sum_k A[m, k] * W[n, k]`` on CUDA cores, one row of A per program."""
+    """``out[m, n-tile] = sum_k A[m, k] * W[n, k]`` on CUDA cores, one row of A per program.
+
+    With ``PREFETCH_AHEAD > 0`` the programs of the first row of A also ask L2 for the packed
+    weight rows of the row tile ``PREFETCH_AHEAD`` tiles ahead (contiguous: ``BLOCK_N * K / 2``
+    bytes), so that a later wave's loads find them there."""
     pid = tl.program_id(0)
     pid_m = pid % M
+    if PREFETCH_AHEAD > 0:
+        ahead = (pid // M + PREFETCH_AHEAD) * BLOCK_N
+        if (pid_m == 0) & (ahead + BLOCK_N <= N):
+            prefetch_l2(B + ahead.to(tl.int64) * (K // 2), BLOCK_N * (K // 2))
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     res = _gemv_rows(
         A + pid_m.to(tl.int64) * stride_am, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, rows, N, K,
@@ -617,6 +628,7 @@ def gemm_4bit_fused(
         _gemv_4bit_kernel[grid](
             A, *args, M, N, K, A.stride(0), out.stride(0), **common,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=use_shfl,
+            PREFETCH_AHEAD=prefetch_distance(packed, cfg.prefetch_ahead),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif path == "dot":
