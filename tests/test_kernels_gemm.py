@@ -464,6 +464,25 @@ def test_gemv_with_weight_prefetch_equals_without(device, M):
     _check(plain, A, weight)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_grouped_and_swiglu_gemv_with_weight_prefetch_equal_without(device):
+    """The grouped kernel prefetches for the program ahead whichever weight it reads (across the
+    weights' boundaries); the SwiGLU kernel prefetches both weights' rows."""
+    q, k, v = (Weight(N, 1024, 64, "nf4", nested=True, device=device) for N in (64, 24, 40))
+    A = torch.randn(1, 1024, device=device, dtype=torch.bfloat16)
+    plain_config = kernels.KernelConfig(block_n=8, block_k=1024, num_warps=1)
+    grouped = kernels.gemm_4bit_grouped_fused(A, _grouped([q, k, v]), 1024, q.code, 64, config=plain_config)
+    gate, up = (Weight(48, 1024, 64, "nf4", device=device) for _ in range(2))
+    swiglu = kernels.gemm_4bit_swiglu_fused(A, *_grouped([gate, up]), 1024, gate.code, 64, config=plain_config)
+    for ahead in (1, 5, 100):
+        config = kernels.KernelConfig(block_n=8, block_k=1024, num_warps=1, prefetch_ahead=ahead)
+        again = kernels.gemm_4bit_grouped_fused(A, _grouped([q, k, v]), 1024, q.code, 64, config=config)
+        torch.testing.assert_close(again, grouped, rtol=0, atol=0)
+        again = kernels.gemm_4bit_swiglu_fused(A, *_grouped([gate, up]), 1024, gate.code, 64, config=config)
+        torch.testing.assert_close(again, swiglu, rtol=0, atol=0)
+    _check_grouped(grouped, A, [q, k, v])
+
+
 @requires_cuda
 def test_gpu_unaligned_and_odd_shapes():
     for N, K, bs in [(1001, 4000, 64), (513, 1023, 32)]:
