@@ -287,6 +287,12 @@ def _pick(index, x0, x1, x2, x3, GROUPS: tl.constexpr):
 
 
 @triton.jit
+def _group_of(pid, end0, end1, end2):
+    """The weight whose programs include ``pid`` (weight ``g``'s end before ``end_g``)."""
+    return (pid >= end0).to(tl.int32) + (pid >= end1).to(tl.int32) + (pid >= end2).to(tl.int32)
+
+
+@triton.jit
 def _gemv_4bit_grouped_kernel(
     A, code, out,
     B0, B1, B2, B3,
@@ -310,12 +316,12 @@ def _gemv_4bit_grouped_kernel(
     end2 = end1 + tl.cdiv(N2, BLOCK_N)
     if PREFETCH_AHEAD > 0:
         ahead = pid + PREFETCH_AHEAD
-        group_ahead = (ahead >= end0).to(tl.int32) + (ahead >= end1).to(tl.int32) + (ahead >= end2).to(tl.int32)
+        group_ahead = _group_of(ahead, end0, end1, end2)
         rows_ahead = (ahead - _pick(group_ahead, 0, end0, end1, end2, GROUPS)) * BLOCK_N
         if (ahead < tl.num_programs(0)) & (rows_ahead + BLOCK_N <= _pick(group_ahead, N0, N1, N2, N3, GROUPS)):
             B_ahead = _pick(group_ahead, B0, B1, B2, B3, GROUPS)
             prefetch_l2(B_ahead + rows_ahead.to(tl.int64) * (K // 2), BLOCK_N * (K // 2))
-    group = (pid >= end0).to(tl.int32) + (pid >= end1).to(tl.int32) + (pid >= end2).to(tl.int32)
+    group = _group_of(pid, end0, end1, end2)
     first_program = _pick(group, 0, end0, end1, end2, GROUPS)
     col = _pick(group, 0, N0, N0 + N1, N0 + N1 + N2, GROUPS)
     N = _pick(group, N0, N1, N2, N3, GROUPS)
