@@ -24,10 +24,10 @@ import pytest
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "kernel_sass.py"
 
 
-def sass_stats(preset: str) -> dict:
+def sass_stats(preset: str, *options: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(TOOL), preset, "--json"], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, str(TOOL), preset, "--json", *options], env=env, capture_output=True,
+                            text=True, timeout=300)
     if result.returncode and "ptxas" in result.stderr.lower() and "not found" in result.stderr.lower():
         pytest.skip("this Triton wheel ships no ptxas")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -73,3 +73,12 @@ def test_4bit_quantize_kernels_bucket_without_conversions_or_spills(quantize_4bi
     for stats in quantize_4bit_kernels.values():
         assert stats["local_memory_ops"] == 0, stats["opcodes"]
         assert "F2I" not in stats["opcodes"], stats["opcodes"]
+
+
+def test_register_cap_and_constexpr_override_compile_a_variant():
+    """``--maxnreg`` caps the registers per thread (the 8-bit quantize uses 71 without a cap), and
+    ``--constexpr`` sets one of the preset's constexprs: the L2 prefetch adds its one bulk prefetch."""
+    plain = sass_stats("quantize_blockwise")
+    variant = sass_stats("quantize_blockwise", "--maxnreg", "48", "--constexpr", "PREFETCH_AHEAD=4096")
+    assert variant["registers"] <= 48 < plain["registers"]
+    assert variant["opcodes"].get("UBLKPF", 0) == 1 and "UBLKPF" not in plain["opcodes"], variant["opcodes"]

@@ -8,9 +8,13 @@ iteration handles per thread. It is how a layout change is judged before it reac
 4-bit GEMV is bound by instruction issue and the L1/shared-memory datapath (``tools/notes_gemm.md``),
 so the loop's instructions per code and its shared-memory traffic (``LDS``/``STS``/``BAR``) predict
 the kernel's speed. Kernels without a hot loop (the 8-bit quantize and its table build) are counted
-whole; for every preset the report includes local-memory traffic (``LDL``/``STL``: register spills).
+whole; for every preset the report includes local-memory traffic (``LDL``/``STL``: register spills)
+and the registers per thread (``cuobjdump``), which set how many warps an SM holds. ``--maxnreg`` and
+``--constexpr NAME=VALUE`` compile a variant of the preset (a register cap, a constexpr such as
+``PREFETCH_AHEAD=4096``).
 
     python tools/kernel_sass.py [gemv|quantize_4bit[_l1]|quantize_blockwise|search_tables] [--arch 90] [--json]
+        [--maxnreg N] [--constexpr NAME=VALUE ...]
 
 Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the compiled kernels).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -161,8 +166,8 @@ def _resolve(qualified: str):
     return getattr(sys.modules[module], name)
 
 
-def compile_preset(preset: Preset, arch: int = 90) -> str:
-    """SASS text of the preset kernel compiled for ``sm_{arch}``."""
+def compile_cubin(preset: Preset, arch: int = 90, maxnreg: int | None = None) -> bytes:
+    """The preset kernel compiled for ``sm_{arch}`` (optionally under a register cap): its cubin."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("kernel_sass needs TRITON_INTERPRET unset: the interpreter replaces compiled kernels")
     fn = _resolve(preset.kernel)
@@ -171,12 +176,31 @@ def compile_preset(preset: Preset, arch: int = 90) -> str:
     constexprs = {(names.index(name),): value for name, value in preset.constexprs.items()}
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in preset.aligned}
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": preset.num_warps})
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        return subprocess.run([nvdisasm, "-c", cubin.name], check=True, capture_output=True, text=True).stdout
+    options = {"num_warps": preset.num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
+
+
+def _run_on_cubin(tool: str, cubin: bytes, *flags: str) -> str:
+    """Output of the Triton wheel's ``nvdisasm`` / ``cuobjdump`` on ``cubin``."""
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([path, *flags, file.name], check=True, capture_output=True, text=True).stdout
+
+
+def sass_of(cubin: bytes) -> str:
+    return _run_on_cubin("nvdisasm", cubin, "-c")
+
+
+def registers_of(cubin: bytes) -> int:
+    """Registers per thread of the cubin's kernel."""
+    return int(re.search(r"REG:(\d+)", _run_on_cubin("cuobjdump", cubin, "--dump-resource-usage")).group(1))
+
+
+def compile_preset(preset: Preset, arch: int = 90) -> str:
+    """SASS text of the preset kernel compiled for ``sm_{arch}``."""
+    return sass_of(compile_cubin(preset, arch))
 
 
 _LABEL = re.compile(r"^\s*\.(L_x_\d+):")
@@ -206,23 +230,46 @@ def loop_stats(sass: str, codes_per_iteration: int = 0, scope: str = "loop") -> 
     return LoopStats(sum(opcodes.values()), dict(opcodes.most_common()), codes_per_iteration)
 
 
+def _parse_constexpr(item: str) -> tuple[str, object]:
+    name, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--constexpr takes NAME=VALUE, got {item!r}")
+    if text in ("True", "False"):
+        return name, text == "True"
+    try:
+        return name, int(text)
+    except ValueError:
+        return name, text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", nargs="?", default="gemv", choices=sorted(PRESETS))
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100)")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    parser.add_argument("--maxnreg", type=int, default=None, help="compile under this register cap per thread")
+    parser.add_argument("--constexpr", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one of the preset's constexprs (an int, True/False, or a string)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]()
-    stats = loop_stats(compile_preset(preset, args.arch), preset.codes_per_iteration, preset.scope)
+    overrides = dict(_parse_constexpr(item) for item in args.constexpr)
+    unknown = set(overrides) - set(preset.constexprs)
+    if unknown:
+        parser.error(f"{args.preset} has no constexpr {sorted(unknown)}; it has {sorted(preset.constexprs)}")
+    preset = dataclasses.replace(preset, constexprs={**preset.constexprs, **overrides})
+    cubin = compile_cubin(preset, args.arch, args.maxnreg)
+    stats = loop_stats(sass_of(cubin), preset.codes_per_iteration, preset.scope)
+    registers = registers_of(cubin)
     if args.json:
         print(json.dumps({"instructions": stats.instructions, "per_code": stats.per_code,
                           "shared_memory_ops": stats.shared_memory_ops, "local_memory_ops": stats.local_memory_ops,
-                          "opcodes": stats.opcodes}))
+                          "registers": registers, "opcodes": stats.opcodes}))
         return 0
     per_code = f", {stats.per_code:.2f} per code (element)" if stats.per_code else ""
     region = "main loop" if preset.scope == "loop" else "kernel"
     print(f"{args.preset} (sm_{args.arch}): {region} {stats.instructions} instructions{per_code}, "
-          f"{stats.shared_memory_ops} shared-memory and {stats.local_memory_ops} local-memory (spill) instructions")
+          f"{stats.shared_memory_ops} shared-memory and {stats.local_memory_ops} local-memory (spill) instructions, "
+          f"{registers} registers")
     print("  " + ", ".join(f"{op} {n}" for op, n in stats.opcodes.items()))
     return 0
 
