@@ -246,6 +246,13 @@ def _gemv_rows(
 
 
 @triton.jit
+def _prefetch_row_tile(B, first_row, K, BLOCK_N: tl.constexpr):
+    """:func:`prefetch_l2` of the packed rows ``first_row .. first_row + BLOCK_N`` of ``B`` (``K / 2``
+    bytes each, contiguous)."""
+    prefetch_l2(B + first_row.to(tl.int64) * (K // 2), BLOCK_N * (K // 2))
+
+
+@triton.jit
 def _gemv_4bit_kernel(
     A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
     M, N, K, stride_am, stride_om,
@@ -262,7 +269,7 @@ def _gemv_4bit_kernel(
     if PREFETCH_AHEAD > 0:
         ahead = (pid // M + PREFETCH_AHEAD) * BLOCK_N
         if (pid_m == 0) & (ahead + BLOCK_N <= N):
-            prefetch_l2(B + ahead.to(tl.int64) * (K // 2), BLOCK_N * (K // 2))
+            _prefetch_row_tile(B, ahead, K, BLOCK_N)
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     res = _gemv_rows(
         A + pid_m.to(tl.int64) * stride_am, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, rows, N, K,
@@ -320,7 +327,7 @@ def _gemv_4bit_grouped_kernel(
         rows_ahead = (ahead - _pick(group_ahead, 0, end0, end1, end2, GROUPS)) * BLOCK_N
         if (ahead < tl.num_programs(0)) & (rows_ahead + BLOCK_N <= _pick(group_ahead, N0, N1, N2, N3, GROUPS)):
             B_ahead = _pick(group_ahead, B0, B1, B2, B3, GROUPS)
-            prefetch_l2(B_ahead + rows_ahead.to(tl.int64) * (K // 2), BLOCK_N * (K // 2))
+            _prefetch_row_tile(B_ahead, rows_ahead, K, BLOCK_N)
     group = _group_of(pid, end0, end1, end2)
     first_program = _pick(group, 0, end0, end1, end2, GROUPS)
     col = _pick(group, 0, N0, N0 + N1, N0 + N1 + N2, GROUPS)
@@ -358,8 +365,8 @@ def _gemv_4bit_swiglu_kernel(
     if PREFETCH_AHEAD > 0:
         ahead = (tl.program_id(0) + PREFETCH_AHEAD) * BLOCK_N
         if ahead + BLOCK_N <= N:
-            prefetch_l2(B0 + ahead.to(tl.int64) * (K // 2), BLOCK_N * (K // 2))
-            prefetch_l2(B1 + ahead.to(tl.int64) * (K // 2), BLOCK_N * (K // 2))
+            _prefetch_row_tile(B0, ahead, K, BLOCK_N)
+            _prefetch_row_tile(B1, ahead, K, BLOCK_N)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gate = _gemv_rows(A, B0, code, absmax0, absmax_8bit0, absmax_code0, absmax_offset0, rows, N, K,
                       BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K, USE_SHFL)
