@@ -313,10 +313,11 @@ def test_first_use_inside_cudagraph_warmup():
 
 
 def test_standalone_quant_ops_call_the_kernel_and_fused_ones_are_generated():
-    """Compiled with the passes: a quantize returned as it is calls the hand-written kernel (no
-    generated kernel); one with a pointwise neighbour (the product being quantized) becomes
-    generated code and no op call. A 4-bit dequantize is generated code either way (its generated
-    kernel is the faster one, ``patterns/standalone.py``)."""
+    """Compiled with the passes: a quantize calls the hand-written kernel, alone (no generated
+    kernel) or with a pointwise producer (the product being quantized: one generated kernel for
+    the product, then the call), except at the end of a requantization chain (dequantize ->
+    pointwise -> quantize: generated code, no call). A 4-bit dequantize is generated code either
+    way (its generated kernel is the faster one, ``patterns/standalone.py``)."""
     N, K = 256, 512
     x = torch.randn(N, K, device="cuda")
     packed, absmax = iq.quantize_4bit(x, 64, "nf4", torch.uint8)
@@ -334,13 +335,23 @@ def test_standalone_quant_ops_call_the_kernel_and_fused_ones_are_generated():
     def dequantize_doubled(packed, absmax):
         return dequantize(packed, absmax) * 2
 
-    # (fn, args, expected, op, op calls, generated Triton kernels): the generated quantize is a block
-    # reduction and a pointwise pack, which Inductor 2.11 emits as two kernels
+    code8 = dynamic_map(device="cuda")
+    codes8, absmax8 = iq.quantize_blockwise(x, code8, 256)
+    grad = torch.randn(N, K, device="cuda")
+
+    def requantize(codes8, absmax8, grad):
+        # * 2 is exact, so a contracted multiply-add rounds as eager's two ops do
+        return iq.quantize_blockwise(iq.dequantize_blockwise(codes8, absmax8, code8, 256, torch.float32) * 2 + grad,
+                                     code8, 256)
+
+    # (fn, args, expected, op, op calls, generated Triton kernels); the generated quantize is a
+    # block reduction and a pointwise encode, which Inductor may emit as two kernels
     cases = (
         (quantize, (x,), quantize(x), "quantize_4bit", 1, {0}),
-        (quantize_doubled, (x,), quantize(x * 2), "quantize_4bit", 0, {1, 2}),
+        (quantize_doubled, (x,), quantize(x * 2), "quantize_4bit", 1, {1}),
         (dequantize, (packed, absmax), want, "dequantize_4bit", 0, {1}),
         (dequantize_doubled, (packed, absmax), want * 2, "dequantize_4bit", 0, {1}),
+        (requantize, (codes8, absmax8, grad), requantize(codes8, absmax8, grad), "quantize_blockwise", 0, {1, 2}),
     )
     for fn, args, expected, op, calls, kernels in cases:
         torch._dynamo.reset()

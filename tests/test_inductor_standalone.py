@@ -1,4 +1,4 @@
-"""Standalone quant ops call their hand-written kernel; ops with a fusible neighbour are lowered.
+"""Quant ops call their hand-written kernel where it beats generated code (``patterns/standalone.py``).
 
 The pass marks ops only on devices with hand-written kernels (CUDA/XPU). These CPU tests widen
 ``standalone.KERNEL_DEVICES`` to "cpu", so the whole route (pass -> node mark -> lowering emits a
@@ -17,6 +17,7 @@ from inductor_quant.code_tables import dynamic_map
 from inductor_quant.compile import compile as iq_compile
 from inductor_quant.patterns import records, standalone
 from inductor_quant.patterns.pass_manager import QuantPassConfig
+from conftest import kernel_count
 
 iq = torch.ops.inductor_quant
 pytestmark = pytest.mark.usefixtures("inductor_cpp")
@@ -74,19 +75,61 @@ def test_standalone_ops_call_their_kernel(cpu_has_kernels):
     assert sorted(decisions.values()) == ["kernel"] * 3 + ["lowered"]
 
 
-def test_ops_with_a_fusible_neighbour_are_lowered(cpu_has_kernels):
+def test_dequantize_ops_with_a_fusible_neighbour_are_lowered(cpu_has_kernels):
     x, packed, absmax, codes, absmax8 = quant_inputs()
 
-    def fn(x, packed, absmax, codes, absmax8):
-        scaled = iq.dequantize_4bit(packed, absmax, 64, "nf4", [64, 128], torch.float32) * 2.0  # consumer
-        packed2, absmax2 = iq.quantize_4bit(x * 2.0, 64, "nf4", torch.uint8)  # producer
-        codes2, _ = iq.quantize_blockwise(x, CODE, 256)
-        return scaled, packed2, absmax2, codes2.to(torch.int32) + 1  # consumer of one tuple output
+    def fn(packed, absmax, codes, absmax8):
+        scaled = iq.dequantize_4bit(packed, absmax, 64, "nf4", [64, 128], torch.float32) * 2.0
+        shifted = iq.dequantize_blockwise(codes, absmax8, CODE, 256, torch.float32) + 1.0
+        return scaled, shifted
 
-    source, decisions = run(fn, x, packed, absmax, codes, absmax8)
+    source, decisions = run(fn, packed, absmax, codes, absmax8)
     assert "inductor_quant" not in source.replace("inductor_quant_", "")  # no op calls at all
     assert counters["inductor_quant"]["quant_op_to_kernel"] == 0
-    assert sorted(decisions.values()) == ["lowered"] * 3
+    assert sorted(decisions.values()) == ["lowered"] * 2
+
+
+def test_quantize_calls_its_kernel_even_with_a_fusible_neighbour(cpu_has_kernels):
+    """The generated quantizers are 3-6x slower than the kernels: a pointwise producer or
+    consumer is left to its own kernel, and the decision names it."""
+    x, *_ = quant_inputs()
+
+    def fn(x):
+        packed, absmax = iq.quantize_4bit(x * 2.0, 64, "nf4", torch.uint8)  # producer
+        codes, _ = iq.quantize_blockwise(x, CODE, 256)
+        return packed, absmax, codes.to(torch.int32) + 1  # consumer of one tuple output
+
+    source, decisions = run(fn, x)
+    assert op_calls(source, "quantize_4bit") == 1 and op_calls(source, "quantize_blockwise") == 1
+    assert counters["inductor_quant"]["quant_op_to_kernel"] == 2
+    assert sorted(decisions.values()) == ["kernel"] * 2
+    reasons = [d.reason for d in records.fusion_decisions() if d.pattern == "standalone"]
+    assert all("3-6x slower" in reason for reason in reasons), reasons
+
+
+def test_a_requantization_chain_stays_one_generated_kernel(cpu_has_kernels):
+    """dequantize -> pointwise -> quantize (an 8-bit state update written over the ops) is
+    lowered whole, one kernel, even though the quantize alone would call its kernel; a
+    dequantize reached only through a matmul does not make a chain."""
+    _, _, _, codes, absmax8 = quant_inputs()
+    grad = torch.randn(64, 128)
+
+    def update(codes, absmax8, grad):
+        state = 0.9 * iq.dequantize_blockwise(codes, absmax8, CODE, 256, torch.float32) + 0.1 * grad
+        return iq.quantize_blockwise(state, CODE, 256)
+
+    source, decisions = run(update, codes, absmax8, grad)
+    assert "inductor_quant" not in source.replace("inductor_quant_", "")
+    assert kernel_count(source) == 1, source
+    assert sorted(decisions.values()) == ["lowered"] * 2
+
+    def through_matmul(codes, absmax8, grad):
+        weight = iq.dequantize_blockwise(codes, absmax8, CODE, 256, torch.float32).view(64, 128)
+        return iq.quantize_blockwise(torch.relu(grad.T @ weight), CODE, 256)
+
+    source, decisions = run(through_matmul, codes, absmax8, grad)
+    assert op_calls(source, "quantize_blockwise") == 1
+    assert decisions == {"dequantize_blockwise": "kernel", "quantize_blockwise": "kernel"}
 
 
 def test_a_matmul_consumer_is_not_fusible(cpu_has_kernels):

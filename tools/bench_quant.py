@@ -9,10 +9,15 @@ plus every output written once (the 1 KB code tables included).
 Run alone::
 
     python tools/bench_quant.py [--check] [--sweep] [--json bench_quant.json]
+    python tools/bench_quant.py --producer [--json bench_quant_producer.json]
 
 ``--check`` compares every op, eager and compiled, with the pure-torch reference (bit-exact) and
 with bitsandbytes on each shape before timing; ``--sweep`` also times launch-configuration variants of each kernel
 (tile, warps, code-lookup path, 8-bit search) through the launchers and prints the fastest.
+``--producer`` only times a quantize of a pointwise product (``op(A * 2)``) compiled both ways: the
+hand-written kernel after a generated kernel for the product (what ``patterns/standalone.py``
+chooses) and one generated kernel for both (the lowering fused with its producer); both are
+checked bit-exact against the reference first.
 """
 
 from __future__ import annotations
@@ -314,6 +319,45 @@ def sweep(copy_bw: float, shapes=SWEEP_SHAPES) -> list[benchlib.Row]:
     return rows
 
 
+def producer_rows(copy_bw: float, shapes=SHAPES) -> list[benchlib.Row]:
+    """``quantize(A * 2)`` compiled with the standalone pass (impl "kernel after product") and
+    without it (impl "fused generated"), replayed from a CUDA graph. Bytes: ``A`` read once and the
+    quantized outputs written once (what a fused kernel must move)."""
+    from inductor_quant.compile import compile as iq_compile
+    from inductor_quant.patterns.pass_manager import QuantPassConfig
+    from inductor_quant.reference import blockwise as ref8
+    from inductor_quant.reference import fourbit as ref4
+
+    ops = torch.ops.inductor_quant
+    rows: list[benchlib.Row] = []
+    for shape in shapes:
+        case = Case(shape)
+        doubled = case.A * 2
+        references = {
+            "quantize_4bit": ref4.quantize_4bit(doubled, BS4, "nf4", torch.uint8),
+            "quantize_blockwise": ref8.quantize_blockwise(doubled, case.code8, BS8),
+        }
+        del doubled
+        calls = {
+            "quantize_4bit": lambda a: ops.quantize_4bit(a * 2, BS4, "nf4", torch.uint8),
+            "quantize_blockwise": lambda a: ops.quantize_blockwise(a * 2, case.code8, BS8),
+        }
+        for impl, standalone in (("kernel after product", True), ("fused generated", False)):
+            config = QuantPassConfig(standalone_kernels=standalone)
+            for op, fn in calls.items():
+                torch._dynamo.reset()
+                compiled = iq_compile(fn, fullgraph=True, dynamic=False, pass_config=config)
+                exact = all(map(_same, compiled(case.A), references[op]))
+                t = bench_graph(lambda: compiled(case.A))
+                rows.append(benchlib.make_row(f"{op}(A * 2)", case.label, impl, t, case.bytes[op], copy_bw,
+                                              note="" if exact else "MISMATCH"))
+                print(f"  {op + '(A * 2)':26s} {case.label:12s} {impl:22s} {t:9.1f} us  {rows[-1].copy_pct:5.1f} %  "
+                      f"exact={exact}", flush=True)
+        del case, references
+        torch.cuda.empty_cache()
+    return rows
+
+
 def profile(op: str) -> None:
     """Launch one quantize kernel a few times on 28672x8192 with its default configuration, tables
     cached (for ``ncu -k regex:_<op>_kernel``)."""
@@ -328,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = benchlib.cli_parser(__doc__, "bench_quant.json")
     parser.add_argument("--check", action="store_true", help="compare with the reference and bitsandbytes first")
     parser.add_argument("--sweep", action="store_true", help="also time launch-configuration variants")
+    parser.add_argument("--producer", action="store_true", help="only time a quantize fused with its producer or not")
     parser.add_argument(
         "--profile", choices=("quantize_4bit", "quantize_blockwise"), help="only launch one kernel (for ncu)"
     )
@@ -336,6 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.profile:
         profile(args.profile)
+        return 0
+    if args.producer:
+        copy_bw, meta = benchlib.device_setup()
+        rows = producer_rows(copy_bw)
+        benchlib.write_json(args.json, rows, meta)
+        print(benchlib.format_table(rows))
+        if any(r.note == "MISMATCH" for r in rows):
+            print("bench_quant: a compiled quantize differs from the reference (exact=False above)", file=sys.stderr)
+            return 1
         return 0
     ok = check() if args.check else True
     copy_bw, meta = benchlib.device_setup()

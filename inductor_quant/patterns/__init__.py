@@ -9,9 +9,10 @@
   ``gemm_4bit_swiglu`` (the SwiGLU computed in the GEMV's epilogue);
 * ``optimizer_chain``: auto-functionalized mutating optimizer updates -> functional optimizer
   steps (which the lowerings fuse into one kernel per tensor);
-* ``standalone``: quant ops left with no fusible neighbour (GPU) -> marked so that their lowering
-  calls the hand-written kernel instead of generating a slower one (not ``dequantize_4bit``,
-  whose generated kernel is the faster one);
+* ``standalone``: quant ops whose hand-written kernel beats the generated code (GPU) -> marked so
+  that their lowering calls the kernel: an 8-bit dequantize with no fusible neighbour, and every
+  quantize except the end of a requantization chain (``dequantize_4bit`` stays generated code,
+  its faster form);
 * ``pass_manager``: :class:`~.pass_manager.QuantPassManager`, the one ``CustomGraphPass`` that runs
   them (chained with the user's own pass, stable ``uuid()`` for the FX graph cache), its
   :class:`~.pass_manager.QuantPassConfig` and ``install_options`` for ``torch.compile(options=...)``;

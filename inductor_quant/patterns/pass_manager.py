@@ -66,9 +66,9 @@ class QuantPassConfig:
     ``gemm_4bit_swiglu`` (the products never go to memory; ``patterns.swiglu_epilogue``).
     ``functional_optimizer_updates``: auto-functionalized mutating optimizer updates ->
     the functional optimizer steps (which have fused lowerings).
-    ``standalone_kernels``: quant ops with no fusible neighbour call their hand-written kernel
-    instead of becoming generated code (``patterns.standalone``; GPU only; ``dequantize_4bit``
-    stays generated code, its faster form).
+    ``standalone_kernels``: quant ops call their hand-written kernel where it beats generated code
+    (``patterns.standalone``; GPU only): an 8-bit dequantize with no fusible neighbour, a quantize
+    unless it ends a requantization chain; ``dequantize_4bit`` stays generated code, its faster form.
     ``lowerings``: install the IR lowerings when the pass first runs.
     """
 
