@@ -11,7 +11,8 @@ downloads), then for each variant — the unquantized model, NF4 and blockwise 8
 4. measures the logits' error against the unquantized model at every position (the quantized
    variants are fed the unquantized model's tokens, so positions line up), how often their top-1
    prediction equals the unquantized model's token, and decode throughput (tokens/s, after a
-   warm-up; on CPU the quantized ops run their reference implementation).
+   warm-up; on CPU the eager prefill runs the ops' pure-torch reference and the compiled decode
+   step Inductor's generated C++ for the quantized matmuls).
 
 :class:`DemoReport` holds the rows and renders the table the CLI prints.
 """

@@ -17,6 +17,7 @@ from torch._inductor import config as inductor_config
 from conftest import compiled, kernel_count
 from inductor_quant.code_tables import dynamic_map
 from inductor_quant.lowerings import _ir, register_lowerings
+from inductor_quant.reference import fourbit as reference_fourbit
 
 iq = torch.ops.inductor_quant
 
@@ -256,3 +257,111 @@ def test_quantize_roundtrip_is_one_kernel():
     assert kernel_count(source) == 1, source
     assert_bit_equal(out, expected)
     assert_bit_equal(absmax, expected_absmax)
+
+
+# --------------------------------------------------------------------------------------------
+# the fused matmul ops on CPU (gemm_4bit, gemm_4bit_grouped, gemm_4bit_swiglu, linear_8bit)
+
+
+def assert_matmul_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """``actual`` is the float64 product ``expected`` rounded once to its dtype (fp32 sums: their
+    error is far below the output rounding; near-zero sums get an absolute slack)."""
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}[actual.dtype]
+    atol = 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
+
+
+def exact_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 ``F.linear`` with the fp32 dequantized ``weight``: as the reference rounds it to x's
+    dtype for several rows (dequantize + mm), unrounded for one row (the generated reduction keeps
+    it in fp32, as the GPU GEMV does)."""
+    if x.shape[:-1].numel() > 1:
+        weight = weight.to(x.dtype)
+    out = x.double() @ weight.double().T
+    return out if bias is None else out + bias.double()
+
+
+def weight_4bit(w: dict, N: int, K: int, quant_type: str) -> torch.Tensor:
+    scales = reference_fourbit.resolve_absmax(w["absmax"], w.get("absmax_8bit"), w.get("absmax_code"),
+                                              w.get("absmax_offset"))
+    return reference_fourbit.dequantize_4bit(w["B"], scales, 64, quant_type, [N, K], torch.float32)
+
+
+def nested_4bit(n: int, k: int, quant_type: str = "nf4") -> dict:
+    """A packed weight with double-quantized absmax, as gemm_4bit's keyword arguments."""
+    packed, absmax = iq.quantize_4bit(torch.randn(n, k), 64, quant_type, torch.uint8)
+    offset = absmax.mean().view(1)
+    absmax_8bit, nested_absmax = iq.quantize_blockwise(absmax - offset, dynamic_map(), 256)
+    return dict(B=packed, absmax=nested_absmax, absmax_8bit=absmax_8bit, absmax_code=dynamic_map(), absmax_offset=offset)
+
+
+MATMUL_CASES = [
+    # activation shape, dtype, quant_type, bias, double-quantized absmax
+    ((1, 128), torch.float32, "nf4", True, False),  # decode: one reduction, the weight never stored
+    ((1, 1, 128), torch.bfloat16, "nf4", False, True),
+    ((2, 3, 128), torch.float16, "fp4", True, False),  # several rows: dequantize + addmm
+    ((4, 128), torch.float32, "nf4", False, True),
+]
+
+
+def test_gemm_4bit_is_generated_code_on_cpu():
+    """Each case equals the eager op (the reference); one row of activations takes no BLAS call,
+    more rows take one ``mm``/``addmm``; no call of the op is left."""
+    N, K = 48, 128
+    weights = []
+    for _, dtype, quant_type, has_bias, nested in MATMUL_CASES:
+        if nested:
+            kwargs = nested_4bit(N, K, quant_type)
+        else:
+            packed, absmax = iq.quantize_4bit(torch.randn(N, K), 64, quant_type, torch.uint8)
+            kwargs = dict(B=packed, absmax=absmax)
+        weights.append(dict(kwargs, bias=torch.randn(N, dtype=dtype) if has_bias else None))
+    activations = [torch.randn(shape, dtype=dtype) for shape, dtype, *_ in MATMUL_CASES]
+
+    def fn(activations):
+        return [
+            iq.gemm_4bit(x, w["B"], [N, K], w["absmax"], 64, case[2], w["bias"], w.get("absmax_8bit"),
+                         w.get("absmax_code"), w.get("absmax_offset"))
+            for x, w, case in zip(activations, weights, MATMUL_CASES)
+        ]
+
+    out, source = compiled(fn, activations)
+    assert_lowered(source, "gemm_4bit")
+    several_rows = sum(1 for shape, *_ in MATMUL_CASES if torch.Size(shape[:-1]).numel() > 1)
+    assert source.count("extern_kernels.mm(") + source.count("extern_kernels.addmm(") == several_rows, source
+    for actual, x, w, (_, _, quant_type, *_) in zip(out, activations, weights, MATMUL_CASES):
+        assert_matmul_close(actual, exact_product(x, weight_4bit(w, N, K, quant_type), w["bias"]))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_grouped_swiglu_and_8bit_matmuls_are_generated_code_on_cpu(rows):
+    N, K = 32, 128
+    code = dynamic_map()
+    gate, up = (iq.quantize_4bit(torch.randn(N, K), 64, "nf4", torch.uint8) for _ in range(2))
+    q, k = (nested_4bit(n, K) for n in (N, 16))
+    codes, absmax8 = iq.quantize_blockwise(torch.randn(N, K), code, 256)
+    bias8 = torch.randn(N, dtype=torch.bfloat16)
+
+    def fn(x):
+        grouped = iq.gemm_4bit_grouped(
+            x, [q["B"], k["B"]], [N, 16], [q["absmax"], k["absmax"]], 64, "nf4", None,
+            [q["absmax_8bit"], k["absmax_8bit"]], [code, code], [q["absmax_offset"], k["absmax_offset"]],
+        )
+        swiglu = iq.gemm_4bit_swiglu(x, [gate[0], up[0]], [N, N], [gate[1], up[1]], 64, "nf4")
+        return grouped, swiglu, iq.linear_8bit(x, codes, absmax8, code, 256, bias8)
+
+    x = torch.randn(rows, K, dtype=torch.bfloat16)
+    out, source = compiled(fn, x)
+    for op in ("gemm_4bit_grouped", "gemm_4bit_swiglu", "linear_8bit"):
+        assert_lowered(source, op)
+    blas_calls = source.count("extern_kernels.mm(") + source.count("extern_kernels.addmm(")
+    assert blas_calls == (0 if rows == 1 else 5), source  # 2 grouped, 2 swiglu, 1 8-bit
+    grouped, swiglu, eight = out
+    assert_matmul_close(grouped, torch.cat([exact_product(x, weight_4bit(q, N, K, "nf4")),
+                                            exact_product(x, weight_4bit(k, 16, K, "nf4"))], -1))
+    gate_up = [exact_product(x, weight_4bit(dict(B=B, absmax=a), N, K, "nf4")) for B, a in (gate, up)]
+    # the SwiGLU of the rounded products, each of its ops rounded to bf16: within two roundings
+    expected = reference_fourbit.swiglu(*(p.to(x.dtype) for p in gate_up)).double()
+    torch.testing.assert_close(swiglu.double(), expected, rtol=2**-7, atol=1e-5 * expected.abs().max().item())
+    weight8 = iq.dequantize_blockwise(codes, absmax8, code, 256, torch.float32)
+    assert_matmul_close(eight, exact_product(x, weight8, bias8))

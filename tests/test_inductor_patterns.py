@@ -22,6 +22,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
 from inductor_quant.compile import compile as iq_compile
+from inductor_quant.lowerings import gemm as lowerings_gemm
 from inductor_quant.code_tables import dynamic_map
 from inductor_quant.patterns import records
 from inductor_quant.patterns.pass_manager import QuantPassConfig, QuantPassManager, install_options
@@ -31,6 +32,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 pytestmark = pytest.mark.usefixtures("inductor_cpp")  # conftest: private cache, scalar C++ builds
+
+
+@pytest.fixture(autouse=True)
+def fused_ops_stay_calls(monkeypatch):
+    """Compile the fused matmul ops the rewrites produce as calls of the op, as on a GPU (where the
+    call is the fused Triton kernel), so the generated code shows what the rewrite left. On CPU
+    they are lowered to generated code by default: ``test_inductor_lowerings.py`` tests that."""
+    monkeypatch.setattr(lowerings_gemm, "GENERATED_DEVICES", ())
 
 
 def run_compiled(fn, *args, **compile_kwargs):

@@ -473,10 +473,15 @@ def _kernels(raw: _RawGraph, notes: list[str]) -> list[Kernel]:
         if name not in named:
             kernels.append(Kernel(name, kind, [], [], None, code, []))
     _assign_bytes(kernels, raw.fused)
-    # An extern kernel with a single node computes exactly that node (its ``origin_node``); a
+    # An extern kernel that calls a node's own op (``torch.ops.inductor_quant.gemm_4bit.default``
+    # for a ``gemm_4bit`` node, ``extern_kernels.mm`` for ``mm``) computes exactly that node; a
     # generated kernel may still list it among its origins when it only realizes the call's
-    # inputs. Drop those.
-    by_extern = {kernel.nodes[0] for kernel in kernels if not kernel.is_generated and len(kernel.nodes) == 1}
+    # inputs. Drop those. (A library call inside an op's lowering, such as the ``addmm`` of a
+    # ``gemm_4bit`` lowered on CPU, computes only part of its node: the generated kernels keep it.)
+    by_extern = {
+        kernel.nodes[0] for kernel in kernels
+        if not kernel.is_generated and len(kernel.nodes) == 1 and _calls_own_op(kernel, raw.after.node(kernel.nodes[0]))
+    }
     for kernel in kernels:
         if kernel.is_generated:
             kernel.nodes = [node for node in kernel.nodes if node not in by_extern]
@@ -487,6 +492,11 @@ def _kernels(raw: _RawGraph, notes: list[str]) -> list[Kernel]:
     return kernels
 
 
+def _calls_own_op(kernel: Kernel, node: Any) -> bool:
+    """Whether the extern ``kernel`` is a call of ``node``'s op (by name)."""
+    return node is None or node.op_name in kernel.name.partition("#")[0].split(".")
+
+
 def _assign_bytes(kernels: list[Kernel], fused: list[_FusedNode]) -> None:
     """Give each kernel the bytes of the fused scheduler nodes whose origins overlap it most."""
     totals: dict[int, int] = {}
@@ -494,7 +504,9 @@ def _assign_bytes(kernels: list[Kernel], fused: list[_FusedNode]) -> None:
     for fnode in fused:
         origins = set(fnode.origins)
         exact = [i for i, nodes in enumerate(node_sets) if nodes == origins]
-        best = exact[0] if exact else None
+        # Several kernels of one node (an op lowered to a generated kernel and a library call):
+        # both lists are in execution order, so the first kernel not yet given bytes is this one.
+        best = next((i for i in exact if i not in totals), exact[0] if exact else None)
         if best is None:
             overlap = 0
             for i, nodes in enumerate(node_sets):

@@ -25,10 +25,11 @@ __all__ = ["register_lowerings", "lowering_files"]
 @functools.lru_cache(maxsize=None)
 def register_lowerings() -> None:
     """Install the lowerings of every ``inductor_quant`` op that has one (idempotent)."""
-    from . import blockwise, fourbit, optim
+    from . import blockwise, fourbit, gemm, optim
 
     blockwise.register()
     fourbit.register()
+    gemm.register()
     optim.register()
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "quantize_blockwise",
     "dequantize_blockwise",
     "dequantize_codes",
+    "scale_blocks",
 ]
 
 
@@ -64,14 +65,20 @@ def nearest_code(normalized: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(normalized, code_midpoints(code), right=False)
 
 
+def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """``dtype(values[i] * absmax[i // blocksize])`` for a flat fp32 tensor of code values
+    (``absmax`` of any shape holding one value per block, in block order): one fp32 multiply,
+    one rounding."""
+    n = values.numel()
+    return (_as_blocks(values, blocksize) * absmax.float().reshape(-1, 1)).reshape(-1)[:n].to(dtype)
+
+
 def dequantize_codes(
     indices: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """``dtype(code[q] * absmax[i // blocksize])`` for a flat tensor of code indices (``absmax``
     of any shape holding one value per block, in block order)."""
-    n = indices.numel()
-    values = _as_blocks(code.float()[indices.long()], blocksize)
-    return (values * absmax.float().reshape(-1, 1)).reshape(-1)[:n].to(dtype)
+    return scale_blocks(code.float().index_select(0, indices.reshape(-1).int()), absmax, blocksize, dtype)
 
 
 def quantize_blockwise(
