@@ -15,6 +15,9 @@ call on a 2-core machine, against 150 µs for the code below; a 4096x4096 one: 1
   reference rounds it to a 16-bit activation dtype first;
 * more rows: the dequantized weight in the activations' dtype (one generated kernel, exactly the
   reference's weight) and ``mm`` / ``addmm``.
+
+A group (``gemm_4bit_grouped``, ``gemm_4bit_swiglu``) is one product per weight, concatenated:
+stacking the dequantized weights with ``cat`` first would make Inductor write them to a buffer.
 """
 
 from __future__ import annotations
