@@ -42,12 +42,13 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Two full tiles of the 8-bit quantize launch under the interpreter (many on a GPU): a tile with a
 # partial or special block takes the kernel's slow branch, so the fast one needs full tiles.
 FULL_8BIT_TILES = 2 * k8._INTERPRETER_TILE
-# the 8-bit quantize's searches: the uint8 bucket table (default; also under a register cap, and with
-# the L2 prefetch of the next tile, which only NVIDIA sm_90+ GPUs run), a binary search
+# the 8-bit quantize's searches: the uint8 bucket table (default, with an L2 prefetch 4096 tiles
+# ahead; also without it, and prefetching the next tile — the prefetch only runs on NVIDIA sm_90+
+# GPUs), a binary search
 SEARCH_CONFIGS = {
     "bucket": k8.QuantizeBlockwiseConfig(),
-    "bucket-maxnreg48": k8.QuantizeBlockwiseConfig(maxnreg=48),
-    "bucket-prefetch": k8.QuantizeBlockwiseConfig(prefetch_ahead=1),
+    "bucket-no-prefetch": k8.QuantizeBlockwiseConfig(prefetch_ahead=0),
+    "bucket-prefetch-next": k8.QuantizeBlockwiseConfig(prefetch_ahead=1),
     "bsearch": k8.QuantizeBlockwiseConfig(search="bsearch"),
 }
 SEARCHES = tuple(SEARCH_CONFIGS)
@@ -216,7 +217,7 @@ def test_4bit_roundtrip_matches_reference(n, blocksize, dtype, out_dtype, quant_
 QUANTIZE_4BIT_CONFIGS = [
     k4.Quantize4bitConfig(smem_table=False),
     k4.Quantize4bitConfig(),
-    k4.Quantize4bitConfig(maxnreg=40),
+    k4.Quantize4bitConfig(prefetch_ahead=0),
     k4.Quantize4bitConfig(prefetch_ahead=1),
 ]
 
@@ -232,8 +233,8 @@ QUANTIZE_4BIT_CONFIGS = [
     ],
 )
 def test_4bit_quantize_configs_match_reference(config, dtype, offset, blocksize, quant_type):
-    """Both table lookups (shared memory / L1), a register cap and the L2 prefetch, on two full
-    tiles (the fast path) plus a partial one with special blocks."""
+    """Both table lookups (shared memory / L1), with and without the L2 prefetch (and prefetching
+    the next tile), on two full tiles (the fast path) plus a partial one with special blocks."""
     tile = k4._tile(torch.empty(0, device=DEVICE), config.tile, blocksize)
     n = 2 * tile + 3 * blocksize + 5
     A = random_input(n + offset, dtype, blocksize, True, device=DEVICE)[offset:]
@@ -328,13 +329,6 @@ def test_8bit_quantize_config_rejects_bucket_tables_it_cannot_build():
         k8.QuantizeBlockwiseConfig(buckets=12000)
     with pytest.raises(ValueError, match="buckets=8192 too few for key_shift=17"):
         k8.QuantizeBlockwiseConfig(key_shift=17, buckets=8192)
-
-
-@pytest.mark.parametrize("config_class", [k8.QuantizeBlockwiseConfig, k4.Quantize4bitConfig])
-@pytest.mark.parametrize("maxnreg", [8, 256, 48.0])
-def test_quantize_configs_reject_register_caps_ptxas_cannot_take(config_class, maxnreg):
-    with pytest.raises(ValueError, match=r"maxnreg must be None or an int in \[16, 255\], got"):
-        config_class(maxnreg=maxnreg)
 
 
 @pytest.mark.parametrize("config_class", [k8.QuantizeBlockwiseConfig, k4.Quantize4bitConfig])

@@ -264,9 +264,7 @@ def sweep_variants():
         dict(tile=8192, num_warps=8),
         dict(tile=2048, num_warps=2),
         dict(tile=4096, num_warps=4, smem_table=False),
-        *(dict(tile=2048, num_warps=2, maxnreg=cap) for cap in (56, 48, 40)),
-        dict(tile=4096, num_warps=4, maxnreg=48),
-        *(dict(tile=2048, num_warps=2, prefetch_ahead=ahead) for ahead in (1024, 2048, 4096)),
+        *(dict(tile=2048, num_warps=2, prefetch_ahead=ahead) for ahead in (0, 1024, 4096)),
     ):
         cfg = k4.Quantize4bitConfig(**kw)
         variants.append(
@@ -280,10 +278,7 @@ def sweep_variants():
         dict(tile=512, num_warps=1, key_shift=18, buckets=8192, probes=2),
         dict(tile=512, num_warps=1, key_shift=16, buckets=32768),
         dict(tile=2048, num_warps=4, search="bsearch"),
-        *(dict(tile=512, num_warps=1, maxnreg=cap) for cap in (64, 48)),
-        dict(tile=1024, num_warps=2, maxnreg=48),
-        *(dict(tile=512, num_warps=1, prefetch_ahead=ahead) for ahead in (2048, 4096, 8192)),
-        dict(tile=512, num_warps=1, maxnreg=64, prefetch_ahead=4096),
+        *(dict(tile=512, num_warps=1, prefetch_ahead=ahead) for ahead in (0, 2048, 8192)),
     ):
         cfg = k8.QuantizeBlockwiseConfig(**kw)
         variants.append(

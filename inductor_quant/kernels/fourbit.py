@@ -37,7 +37,6 @@ from .blockwise import (
     block_absmax,
     check_launch_shape,
     check_prefetch_ahead,
-    check_register_cap,
     device_guard,
     load_tile,
     normalize_blocks_split,
@@ -215,27 +214,21 @@ def _dequantize_4bit_kernel(
 
 class Quantize4bitConfig:
     """Launch parameters of the 4-bit quantize kernel: input elements per program, warps, whether
-    the bucket table is read from shared memory (``tl.gather``) or through L1, a register cap per
-    thread (``maxnreg``; None: the compiler's choice) and an L2 prefetch distance in tiles
-    (``prefetch_ahead``; 0: off; see ``blockwise.prefetch_tile_ahead``)."""
+    the bucket table is read from shared memory (``tl.gather``) or through L1, and an L2 prefetch
+    distance in tiles (``prefetch_ahead``; 0: off; see ``blockwise.prefetch_tile_ahead``)."""
 
-    def __init__(
-        self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True, maxnreg: int | None = None,
-        prefetch_ahead: int = 0,
-    ) -> None:
+    def __init__(self, tile: int = 2048, num_warps: int = 2, smem_table: bool = True, prefetch_ahead: int = 2048) -> None:
         check_launch_shape(tile, num_warps)
-        check_register_cap(maxnreg)
         check_prefetch_ahead(prefetch_ahead)
         self.tile = tile
         self.num_warps = num_warps
         self.smem_table = smem_table
-        self.maxnreg = maxnreg
         self.prefetch_ahead = prefetch_ahead
 
     def __repr__(self) -> str:
         return (
             f"Quantize4bitConfig(tile={self.tile}, num_warps={self.num_warps}, smem_table={self.smem_table}, "
-            f"maxnreg={self.maxnreg}, prefetch_ahead={self.prefetch_ahead})"
+            f"prefetch_ahead={self.prefetch_ahead})"
         )
 
 
@@ -256,7 +249,10 @@ class Dequantize4bitConfig:
 # H100 sweeps (tools/notes_quant.md, Run 7): the table in shared memory, 2048 elements / 2 warps
 # 206.4 µs on 28672x8192 and 23.6 µs on 4096x4096 (4096 / 4: 214.9-215.4 and 24.3-24.6; through L1
 # 292.7 and 29.0-29.4); reading bf16 tiles as element pairs (fewer instructions, more registers)
-# was slower than the shared-memory table (223.7 / 24.7) and was removed.
+# was slower than the shared-memory table (223.7 / 24.7) and was removed. The L2 prefetch of the
+# tile 2048 programs ahead (one wave is ~2100 two-warp programs): 22.1 / 58.3 / 58.6 / 203.5 µs
+# against 23.5 / 59.4 / 59.8 / 205.9 without, on the four benchmark shapes (Run 11); capping the
+# registers for more resident warps (56 / 48 / 40) tied or lost.
 _DEFAULT_QUANTIZE = Quantize4bitConfig()
 # H100 sweeps (two runs, tools/notes_quant.md): 4096 elements / 4 warps with the table in shared
 # memory 20.1-20.3 µs on 4096x4096 and 209.4-209.6 µs on 28672x8192 (16384 / 8 warps / L1: 21.2
@@ -319,7 +315,6 @@ def quantize_4bit(
             SMEM_TABLE=config.smem_table,
             PREFETCH_AHEAD=prefetch_distance(A, config.prefetch_ahead),
             num_warps=config.num_warps,
-            maxnreg=config.maxnreg,
         )
 
 
