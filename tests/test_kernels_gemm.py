@@ -437,50 +437,13 @@ def test_gpu_shuffle_lookup_matches_gather(path):
         if path == "gemv":
             kernels._gemv_4bit_kernel[(1024 // cfg.block_n,)](
                 *args, gather, 1, 1024, 2048, 2048, 1024, BLOCKSIZE=64, NESTED=False, HAS_BIAS=False,
-                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=False, PREFETCH_AHEAD=0,
-                num_warps=cfg.num_warps)
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=False, num_warps=cfg.num_warps)
         else:
             kernels._gemm_4bit_dot_kernel[(1024 // cfg.block_n,)](
                 *args, gather, weight.absmax, weight.absmax, 16, 1024, 2048, 2048, 1024, BLOCKSIZE=64,
                 NESTED=False, HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 SPLIT_K=1, ACT_LEFT=False, USE_SHFL=False, DOT_PRECISION="tf32", num_warps=cfg.num_warps)
         torch.testing.assert_close(out, gather, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
-@pytest.mark.parametrize("M", [1, 3])
-def test_gemv_with_weight_prefetch_equals_without(device, M):
-    """The L2 prefetch of later row tiles (GPUs of sm_90+; elsewhere the launcher turns it off)
-    changes no output bit, for the first row tiles, the last ones (nothing left to prefetch) and a
-    partial last tile; with M > 1 only the first row of A's programs prefetch."""
-    weight = Weight(1000, 2048, 64, "nf4", nested=True, device=device)
-    A = torch.randn(M, 2048, device=device, dtype=torch.bfloat16)
-    plain = weight.fused(A, path="gemv", config=kernels.KernelConfig(block_n=8, block_k=1024, num_warps=1))
-    for ahead in (1, 4, 200):
-        config = kernels.KernelConfig(block_n=8, block_k=1024, num_warps=1, prefetch_ahead=ahead)
-        out = torch.full_like(plain, float("nan"))
-        weight.fused(A, path="gemv", config=config, out=out)
-        torch.testing.assert_close(out, plain, rtol=0, atol=0)
-    _check(plain, A, weight)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
-def test_grouped_and_swiglu_gemv_with_weight_prefetch_equal_without(device):
-    """The grouped kernel prefetches for the program ahead whichever weight it reads (across the
-    weights' boundaries); the SwiGLU kernel prefetches both weights' rows."""
-    q, k, v = (Weight(N, 1024, 64, "nf4", nested=True, device=device) for N in (64, 24, 40))
-    A = torch.randn(1, 1024, device=device, dtype=torch.bfloat16)
-    plain_config = kernels.KernelConfig(block_n=8, block_k=1024, num_warps=1)
-    grouped = kernels.gemm_4bit_grouped_fused(A, _grouped([q, k, v]), 1024, q.code, 64, config=plain_config)
-    gate, up = (Weight(48, 1024, 64, "nf4", device=device) for _ in range(2))
-    swiglu = kernels.gemm_4bit_swiglu_fused(A, *_grouped([gate, up]), 1024, gate.code, 64, config=plain_config)
-    for ahead in (1, 5, 100):
-        config = kernels.KernelConfig(block_n=8, block_k=1024, num_warps=1, prefetch_ahead=ahead)
-        again = kernels.gemm_4bit_grouped_fused(A, _grouped([q, k, v]), 1024, q.code, 64, config=config)
-        torch.testing.assert_close(again, grouped, rtol=0, atol=0)
-        again = kernels.gemm_4bit_swiglu_fused(A, *_grouped([gate, up]), 1024, gate.code, 64, config=config)
-        torch.testing.assert_close(again, swiglu, rtol=0, atol=0)
-    _check_grouped(grouped, A, [q, k, v])
 
 
 @requires_cuda

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
-import functools
 import statistics
 import os
 import sys
@@ -401,17 +399,6 @@ def optimizer_table(results: list[Result], copy_bw: float) -> str:
     return "\n".join(lines)
 
 
-def _prefetch_every_gemv(ahead: int) -> None:
-    """Make the GEMV launchers' per-shape config carry ``prefetch_ahead=ahead`` (an A/B of the
-    option before it becomes a default)."""
-    from inductor_quant.kernels import gemm
-
-    committed = gemm._gemv_config
-    gemm._gemv_config = functools.lru_cache(maxsize=None)(
-        lambda N, K: dataclasses.replace(committed(N, K), prefetch_ahead=ahead)
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the Llama-3-8B-shaped stack (32 = full)")
@@ -422,9 +409,6 @@ def main() -> None:
                              "reference, always runs)")
     parser.add_argument("--kernels", action="store_true",
                         help="after timing each decode variant, print its top GPU kernels per token (torch.profiler)")
-    parser.add_argument("--gemv-prefetch", type=int, default=0, metavar="TILES",
-                        help="run the GEMV kernels with the L2 weight prefetch this many row tiles ahead "
-                             "(KernelConfig.prefetch_ahead on every per-shape config; 0 = as committed)")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-optim", action="store_true")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this path")
@@ -434,8 +418,6 @@ def main() -> None:
     if args.layers < 1 or args.steps < 1 or args.opt_numel < 8 * 256 or args.opt_numel % (8 * 256):
         sys.exit("--layers and --steps must be >= 1, --opt-numel a positive multiple of 2048")
 
-    if args.gemv_prefetch:
-        _prefetch_every_gemv(args.gemv_prefetch)
     copy_bw = benchlib.measure_copy_bandwidth()
     only = None if args.variants is None else [v.strip() for v in args.variants.split(",")]
     decode = [] if args.skip_decode else decode_results(args.layers, args.steps, only, args.kernels)

@@ -5,7 +5,6 @@ the bf16 weight + A + out. NF4, blocksize 64, bf16 activations, weights N x K (o
 
     python tools/bench_gemm.py [--json bench_gemm.json]      # the table (also run by bench_kernels.py)
     python tools/bench_gemm.py --sweep [--json sweep.json]   # every tile config, and the M crossover
-    python tools/bench_gemm.py --sweep --prefetch            # the GEMV's L2 weight prefetch distances
 
 ``run(copy_bw)`` returns the rows for ``tools/bench_kernels.py``, including the sibling groups of a
 Llama-3-8B layer at M = 1 (q/k/v, gate/up): ``gemm_4bit_grouped`` (one launch) against the same
@@ -18,7 +17,6 @@ against dequantize + F.linear for growing M (the ``FUSED_MAX_M`` threshold).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -292,41 +290,6 @@ def sweep(copy_bw: float, shapes=SHAPES, quick: bool = False) -> dict:
     return {"configs": results, "best": best_lines, "crossover": crossover}
 
 
-PREFETCH_SHAPES = [(1024, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (128256, 4096)]
-
-
-def prefetch_sweep(copy_bw: float) -> dict:
-    """The M = 1 GEMV at the committed per-shape config against the same config with the L2
-    prefetch of the weight rows ``prefetch_ahead`` row tiles ahead (``KernelConfig.prefetch_ahead``),
-    on the Llama-3-8B decode shapes, from CUDA-graph replays; outputs checked equal bit for bit."""
-    results, lines = [], []
-    for N, K in PREFETCH_SHAPES:
-        p = Problem(N, K)
-        A = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        base = kernels._gemv_config(N, K)
-        reference_out = None
-        for ahead in (0, 128, 256, 512, 1024, 2048):
-            cfg = dataclasses.replace(base, prefetch_ahead=ahead)
-            out = torch.full((1, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-
-            def fn(cfg=cfg, out=out):
-                return kernels.gemm_4bit_fused(A, p.B, N, K, p.absmax, p.code, BLOCKSIZE, out=out, path="gemv",
-                                               config=cfg)
-
-            fn()
-            if reference_out is None:
-                reference_out = out.clone()
-            same = torch.equal(out, reference_out)
-            t, _ = _graph_bench(fn)
-            pct = 100 * p.quant_bytes(1) / (t * 1e-6) / copy_bw
-            results.append(dict(N=N, K=K, prefetch_ahead=ahead, time_us=t, copy_pct=pct, equal=same))
-            lines.append(f"{N}x{K} prefetch_ahead {ahead:5d} {t:8.1f} us {pct:5.1f} %  equal={same}  {cfg}")
-            print(lines[-1], flush=True)
-        del p
-        torch.cuda.empty_cache()
-    return {"configs": results, "best": lines, "crossover": []}
-
-
 def _crossover(copy_bw: float) -> list[str]:
     """Fused dot kernel vs dequantize + F.linear for growing M (FUSED_MAX_M)."""
     lines = []
@@ -408,7 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="time every tile config and the M crossover")
     parser.add_argument("--profile", choices=("gemv", "dot"), help="only launch one kernel (for ncu)")
     parser.add_argument("--quick", action="store_true", help="with --sweep: only the configs still in contention")
-    parser.add_argument("--prefetch", action="store_true", help="with --sweep: only the GEMV's L2 prefetch distances")
     parser.add_argument("--host-profile", action="store_true", help="cProfile the ops' eager host path")
     args = parser.parse_args(argv)
     if benchlib.cuda_missing("bench_gemm"):
@@ -423,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         import json
 
-        result = prefetch_sweep(copy_bw) if args.prefetch else sweep(copy_bw, quick=args.quick)
+        result = sweep(copy_bw, quick=args.quick)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, **result}, f, indent=1)
         print("\n".join(result["best"]))

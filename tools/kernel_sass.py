@@ -65,7 +65,7 @@ def _gemv_preset() -> Preset:
         kernel="inductor_quant.kernels.gemm._gemv_4bit_kernel",
         signature={**pointers, "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_om": "i32"},
         constexprs=dict(BLOCKSIZE=64, NESTED=True, HAS_BIAS=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                        USE_SHFL=True, PREFETCH_AHEAD=config.prefetch_ahead),
+                        USE_SHFL=True),
         num_warps=config.num_warps,
         # each thread holds one 4-word chunk (32 codes) of each of the block_n rows per K-tile
         codes_per_iteration=32 * config.block_n,

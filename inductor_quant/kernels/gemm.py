@@ -42,8 +42,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .blockwise import prefetch_distance, prefetch_l2
-
 __all__ = [
     "NESTED_BLOCKSIZE",
     "FUSED_MAX_M",
@@ -94,7 +92,6 @@ class KernelConfig:
     num_stages: int = 1
     split_k: int | None = None  # dot kernel: None = enough K-splits to fill the GPU
     act_left: bool = False  # dot kernel: A @ W.T instead of W @ A.T
-    prefetch_ahead: int = 0  # GEMV kernel: L2 prefetch of the weight rows this many programs ahead
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,30 +243,15 @@ def _gemv_rows(
 
 
 @triton.jit
-def _prefetch_row_tile(B, first_row, K, BLOCK_N: tl.constexpr):
-    """:func:`prefetch_l2` of the packed rows ``first_row .. first_row + BLOCK_N`` of ``B`` (``K / 2``
-    bytes each, contiguous)."""
-    prefetch_l2(B + first_row.to(tl.int64) * (K // 2), BLOCK_N * (K // 2))
-
-
-@triton.jit
 def _gemv_4bit_kernel(
     A, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, bias, out,
     M, N, K, stride_am, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr, PREFETCH_AHEAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
 ):
-    """``out[m, n-tile] = sum_k A[m, k] * W[n, k]`` on CUDA cores, one row of A per program.
-
-    With ``PREFETCH_AHEAD > 0`` the programs of the first row of A also ask L2 for the packed
-    weight rows of the row tile ``PREFETCH_AHEAD`` tiles ahead (contiguous: ``BLOCK_N * K / 2``
-    bytes), so that a later wave's loads find them there."""
+    """``out[m, n-tile] = sum_k A[m, k] * W[n, k]`` on CUDA cores, one row of A per program."""
     pid = tl.program_id(0)
     pid_m = pid % M
-    if PREFETCH_AHEAD > 0:
-        ahead = (pid // M + PREFETCH_AHEAD) * BLOCK_N
-        if (pid_m == 0) & (ahead + BLOCK_N <= N):
-            _prefetch_row_tile(B, ahead, K, BLOCK_N)
     rows = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     res = _gemv_rows(
         A + pid_m.to(tl.int64) * stride_am, B, code, absmax, absmax_8bit, absmax_code, absmax_offset, rows, N, K,
@@ -294,12 +276,6 @@ def _pick(index, x0, x1, x2, x3, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _group_of(pid, end0, end1, end2):
-    """The weight whose programs include ``pid`` (weight ``g``'s end before ``end_g``)."""
-    return (pid >= end0).to(tl.int32) + (pid >= end1).to(tl.int32) + (pid >= end2).to(tl.int32)
-
-
-@triton.jit
 def _gemv_4bit_grouped_kernel(
     A, code, out,
     B0, B1, B2, B3,
@@ -310,25 +286,16 @@ def _gemv_4bit_grouped_kernel(
     bias0, bias1, bias2, bias3,
     N0, N1, N2, N3, K,
     GROUPS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr, PREFETCH_AHEAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
 ):
     """Up to four GEMVs of one activation row in one launch: ``out[0, col_g + n] = A[0] . W_g[n]``
     with ``col_g = N_0 + ... + N_{g-1}``. The programs of weight ``g`` follow those of weight
-    ``g - 1``; each program picks its weight's pointers by its program id and runs the GEMV body.
-    ``PREFETCH_AHEAD``: as in :func:`_gemv_4bit_kernel`, for the program that many ahead, whichever
-    weight it reads."""
+    ``g - 1``; each program picks its weight's pointers by its program id and runs the GEMV body."""
     pid = tl.program_id(0)
     end0 = tl.cdiv(N0, BLOCK_N)
     end1 = end0 + tl.cdiv(N1, BLOCK_N)
     end2 = end1 + tl.cdiv(N2, BLOCK_N)
-    if PREFETCH_AHEAD > 0:
-        ahead = pid + PREFETCH_AHEAD
-        group_ahead = _group_of(ahead, end0, end1, end2)
-        rows_ahead = (ahead - _pick(group_ahead, 0, end0, end1, end2, GROUPS)) * BLOCK_N
-        if (ahead < tl.num_programs(0)) & (rows_ahead + BLOCK_N <= _pick(group_ahead, N0, N1, N2, N3, GROUPS)):
-            B_ahead = _pick(group_ahead, B0, B1, B2, B3, GROUPS)
-            _prefetch_row_tile(B_ahead, rows_ahead, K, BLOCK_N)
-    group = _group_of(pid, end0, end1, end2)
+    group = (pid >= end0).to(tl.int32) + (pid >= end1).to(tl.int32) + (pid >= end2).to(tl.int32)
     first_program = _pick(group, 0, end0, end1, end2, GROUPS)
     col = _pick(group, 0, N0, N0 + N1, N0 + N1 + N2, GROUPS)
     N = _pick(group, N0, N1, N2, N3, GROUPS)
@@ -355,18 +322,12 @@ def _gemv_4bit_swiglu_kernel(
     B0, B1, absmax0, absmax1, absmax_8bit0, absmax_8bit1, absmax_code0, absmax_code1, absmax_offset0, absmax_offset1,
     bias0, bias1, N, K,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr, PREFETCH_AHEAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SHFL: tl.constexpr,
 ):
     """``out[0, n] = silu(A[0] . W_gate[n]) * (A[0] . W_up[n])``: each program runs the GEMV body on
     ``BLOCK_N`` rows of the gate weight (0) and the same rows of the up weight (1), and writes only
     the product. Rounding as two separate ops and a compiled SwiGLU would: each product to out's
-    dtype, the SiLU (in fp32) to out's dtype, their product (in fp32) to out's dtype.
-    ``PREFETCH_AHEAD``: as in :func:`_gemv_4bit_kernel`, for both weights."""
-    if PREFETCH_AHEAD > 0:
-        ahead = (tl.program_id(0) + PREFETCH_AHEAD) * BLOCK_N
-        if ahead + BLOCK_N <= N:
-            _prefetch_row_tile(B0, ahead, K, BLOCK_N)
-            _prefetch_row_tile(B1, ahead, K, BLOCK_N)
+    dtype, the SiLU (in fp32) to out's dtype, their product (in fp32) to out's dtype."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gate = _gemv_rows(A, B0, code, absmax0, absmax_8bit0, absmax_code0, absmax_offset0, rows, N, K,
                       BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K, USE_SHFL)
@@ -588,12 +549,6 @@ def _counters(tiles: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
-def _prefetch_ahead(weights: Sequence[torch.Tensor], cfg: KernelConfig) -> int:
-    """The GEMV kernels' ``PREFETCH_AHEAD``: ``cfg.prefetch_ahead`` where every packed weight can be
-    prefetched (:func:`blockwise.prefetch_distance`), else 0."""
-    return min(prefetch_distance(w, cfg.prefetch_ahead) for w in weights)
-
-
 def _uses_shuffle_lookup(device: torch.device) -> bool:
     # the warp-shuffle code lookup is NVIDIA PTX; the interpreter and ROCm use the gather
     return device.type == "cuda" and torch.version.hip is None
@@ -662,7 +617,6 @@ def gemm_4bit_fused(
         _gemv_4bit_kernel[grid](
             A, *args, M, N, K, A.stride(0), out.stride(0), **common,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=use_shfl,
-            PREFETCH_AHEAD=_prefetch_ahead([packed], cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif path == "dot":
@@ -700,8 +654,6 @@ def gemm_4bit_grouped_fused(
     code: torch.Tensor,
     blocksize: int,
     out: torch.Tensor | None = None,
-    *,
-    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """``cat([A @ W_g.T (+ bias_g) for g], dim=1)`` into ``out [M, sum N_g]``: several weights
     that read the same activations (q/k/v, gate/up projections) in one output.
@@ -728,7 +680,7 @@ def gemm_4bit_grouped_fused(
     if A.stride(1) != 1:
         A = A.contiguous()
     packed = [w.B.reshape(-1).view(torch.uint8) for w in weights]
-    cfg = config or _gemv_config(total, K)  # the grid covers every weight's rows: size it by their sum
+    cfg = _gemv_config(total, K)  # the grid covers every weight's rows: size it by their sum
     padding = GROUPED_MAX_WEIGHTS - len(weights)
 
     def slots(values: list) -> list:
@@ -745,7 +697,6 @@ def gemm_4bit_grouped_fused(
         GROUPS=len(weights), BLOCKSIZE=blocksize, NESTED=weights[0].absmax_8bit is not None,
         HAS_BIAS=weights[0].bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=_uses_shuffle_lookup(A.device),
-        PREFETCH_AHEAD=_prefetch_ahead(packed, cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -803,7 +754,6 @@ def gemm_4bit_swiglu_fused(
         *pair("absmax"), *pair("absmax_8bit"), *pair("absmax_code"), *pair("absmax_offset"), *pair("bias"), N, K,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=gate.bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SHFL=_uses_shuffle_lookup(A.device),
-        PREFETCH_AHEAD=_prefetch_ahead([gate.B, up.B], cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
