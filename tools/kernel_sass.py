@@ -11,7 +11,7 @@ the kernel's speed. Kernels without a hot loop (the 8-bit quantize and its table
 whole; for every preset the report includes local-memory traffic (``LDL``/``STL``: register spills)
 and the registers per thread (``cuobjdump``), which set how many warps an SM holds. ``--maxnreg`` and
 ``--constexpr NAME=VALUE`` compile a variant of the preset (a register cap, a constexpr such as
-``PREFETCH_AHEAD=4096``).
+``PREFETCH_AHEAD=0``: the quantizers without their default L2 prefetch).
 
     python tools/kernel_sass.py [gemv|quantize_4bit[_l1]|quantize_blockwise|search_tables] [--arch 90] [--json]
         [--maxnreg N] [--constexpr NAME=VALUE ...]

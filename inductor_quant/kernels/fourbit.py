@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 BUCKETS = 64
+_BUCKETS = tl.constexpr(BUCKETS)  # the same, for the kernels
 V_MIN, V_MAX = -1.9375, 1.9375  # the kernel clamps xn to this range where it may be infinite
 
 
@@ -165,7 +166,7 @@ def _quantize_4bit_kernel(
     tl.store(absmax_ptr + tile * ROWS + rows, absmax, mask=rows < (remaining + BLOCKSIZE - 1) // BLOCKSIZE)
     xn, special = normalize_blocks_split(x, absmax)
     xn = _into_table_range(xn, special)
-    table = tl.load(table_ptr + tl.arange(0, 64))  # used by the shared-memory gather only (else eliminated)
+    table = tl.load(table_ptr + tl.arange(0, _BUCKETS))  # used by the shared-memory gather only (else eliminated)
     q = _codes(xn, table_ptr, table, FP4, SMEM_TABLE)
     hi, lo = tl.split(tl.reshape(q, [ROWS, HALF, 2]))
     packed = ((hi << 4) | lo).to(tl.uint8)
