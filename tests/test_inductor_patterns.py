@@ -24,7 +24,7 @@ from torch._inductor.utils import run_and_get_code
 from inductor_quant.compile import compile as iq_compile
 from inductor_quant.lowerings import gemm as lowerings_gemm
 from inductor_quant.code_tables import dynamic_map
-from inductor_quant.patterns import records
+from inductor_quant.patterns import records, template_prologue
 from inductor_quant.patterns.pass_manager import QuantPassConfig, QuantPassManager, install_options
 
 iq = torch.ops.inductor_quant
@@ -291,6 +291,96 @@ def test_negative_cases_do_not_match():
     reasons = [d.reason for d in records.fusion_decisions() if d.action == "not rewritten"]
     assert any("skip the rounding to torch.bfloat16" in r for r in reasons), reasons
     assert any("addmm scales its terms" in r for r in reasons), reasons
+
+
+# --------------------------------------------------------------------------------------------
+# large-M dequantize + matmul under max-autotune -> invoke_quant, a candidate template prologue
+
+# CPU stands in for the GPU here: the pass wraps the same nodes, and the C++ backend compiles the
+# wrapped dequantize as its own kernel in front of the matmul (CPU templates take no prologue).
+AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
+
+
+@pytest.fixture
+def prologue_on_cpu(monkeypatch):
+    monkeypatch.setattr(template_prologue, "PROLOGUE_DEVICES", ("cpu",))
+
+
+def _weights(kind, n=32, k=64):
+    """``(make the weight from tensors, tensors)`` for a dequantized ``[n, k]`` weight."""
+    code = dynamic_map()
+    if kind == "8bit":
+        codes, absmax = iq.quantize_blockwise(torch.randn(n, k), code, 64)
+        return (lambda dtype, c, a: iq.dequantize_blockwise(c, a, code, 64, dtype)), (codes, absmax)
+    packed, absmax = make_4bit(n, k)
+    if kind == "4bit":
+        return (lambda dtype, p, a: iq.dequantize_4bit(p, a, 64, "nf4", [n, k], dtype)), (packed, absmax)
+    offset = absmax.mean()
+    absmax_8bit, nested_absmax = iq.quantize_blockwise(absmax - offset, code, 256)
+
+    def nested(dtype, p, a8, na, off):
+        scales = iq.dequantize_blockwise(a8, na, code, 256, torch.float32) + off
+        return iq.dequantize_4bit(p, scales, 64, "nf4", [n, k], dtype)
+
+    return nested, (packed, absmax_8bit, nested_absmax, offset)
+
+
+@pytest.mark.usefixtures("prologue_on_cpu")
+@pytest.mark.parametrize("kind", ["4bit", "4bit_nested", "8bit"])
+@pytest.mark.parametrize("has_bias, dtype, convert", [(False, torch.float32, False), (True, torch.bfloat16, True)])
+def test_large_m_dequantize_is_offered_as_a_template_prologue(kind, has_bias, dtype, convert):
+    """M > FUSED_MAX_M, max-autotune: the weight chain (nested absmax included, and a conversion
+    before the transpose) moves into one invoke_quant call, generated as one kernel in front of
+    Inductor's matmul; the fused op is not used."""
+    weight, tensors = _weights(kind)
+    x = torch.randn(template_prologue.FUSED_MAX_M + 72, 64, dtype=dtype)
+    bias = torch.randn(32, dtype=dtype) if has_bias else None
+
+    def fn(x, bias, *tensors):
+        w = weight(torch.float32, *tensors).to(dtype) if convert else weight(dtype, *tensors)
+        return F.linear(x, w, bias)
+
+    expected, actual, source = run_compiled(fn, x, bias, *tensors, options=AUTOTUNE)
+    assert_close(actual, expected)
+    assert quant_counters() == {"template_prologue": 1}
+    assert calls(source, "extern_kernels.addmm" if has_bias else "extern_kernels.mm") == 1
+    assert "gemm_4bit" not in source and "linear_8bit" not in source
+    assert source.count("cpp_fused_") == 2  # one kernel definition, one call: the whole weight chain
+    (decision,) = [d for d in records.fusion_decisions() if d.pattern == "template_prologue"]
+    assert decision.action == "prologue candidate" and decision.op == ("aten.addmm.default" if has_bias else "aten.mm.default")
+
+
+@pytest.mark.usefixtures("prologue_on_cpu")
+def test_template_prologue_leaves_the_fused_op_where_it_wins():
+    """Not wrapped, so the dequantize+linear rewrite applies: M <= FUSED_MAX_M (GEMV / small-M
+    kernels), a symbolic M (the op's runtime switch), a shared dequantize, no max-autotune, or the
+    option turned off."""
+    weight, tensors = _weights("4bit")
+    small = torch.randn(template_prologue.FUSED_MAX_M, 64)
+    large = torch.randn(template_prologue.FUSED_MAX_M + 1, 64)
+    symbolic_rows = large.clone()
+    torch._dynamo.mark_dynamic(symbolic_rows, 0)
+
+    def linear(x, *tensors):
+        return F.linear(x, weight(x.dtype, *tensors))
+
+    def shared(x, *tensors):
+        w = weight(x.dtype, *tensors)
+        return F.linear(x, w), w.sum()
+
+    cases = [
+        (linear, small, {"options": AUTOTUNE}),
+        (linear, symbolic_rows, {"options": AUTOTUNE}),
+        (shared, large, {"options": AUTOTUNE}),
+        (linear, large, {}),
+        (linear, large, {"options": AUTOTUNE, "pass_config": QuantPassConfig(template_prologues=False)}),
+    ]
+    for fn, x, kwargs in cases:
+        expected, actual, source = run_compiled(fn, x, *tensors, **kwargs)
+        for a, e in zip(actual if isinstance(actual, tuple) else (actual,), expected if isinstance(expected, tuple) else (expected,)):
+            assert_close(a, e)
+        assert "template_prologue" not in quant_counters(), (fn.__name__, kwargs)
+        assert calls(source, "torch.ops.inductor_quant.gemm_4bit.default") == 1, (fn.__name__, kwargs)
 
 
 # --------------------------------------------------------------------------------------------

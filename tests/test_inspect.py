@@ -139,6 +139,23 @@ def test_passes_disabled_and_several_consumers():
     assert "2 consumers (permute, pow_1)" in status.reason
 
 
+def test_template_prologue_candidate(monkeypatch):
+    """A dequantize moved into an invoke_quant call is still reported under its own name, with the
+    kernel that computes it, its reader and the pass's reason (the CPU stands in for a GPU)."""
+    from inductor_quant.patterns import template_prologue
+
+    monkeypatch.setattr(template_prologue, "PROLOGUE_DEVICES", ("cpu",))
+    model, inputs = two_layer_mlp(batch=template_prologue.FUSED_MAX_M + 8)
+    report = inspect(model, *inputs, options={"max_autotune": True, "max_autotune_gemm_backends": "ATEN"})
+    (graph,) = report.graphs
+    assert graph.counters == {"template_prologue": 2}
+    assert [s.status for s in graph.quant_ops] == ["not fused", "not fused"]
+    for status in graph.quant_ops:
+        assert status.kernel.startswith("cpp_fused_dequantize_4bit")
+        assert "offered to Inductor's Triton matmul templates as a prologue" in status.reason
+        assert "then read by extern_kernels.addmm" in status.reason
+
+
 def test_html_is_valid_and_names_every_kernel(two_layer_report, unfused_report, tmp_path):
     for report in (two_layer_report, unfused_report):
         page = render_html(report)

@@ -582,6 +582,20 @@ def _related_decisions(raw: _RawGraph, name: str) -> list[PassDecision]:
     return sorted(related, key=lambda d: rank[d.node])
 
 
+def _name_after_passes(raw: _RawGraph, name: str, homes: list[Kernel]) -> str:
+    """The node of the graph after our passes that stands for ``name``: itself, or the
+    ``invoke_quant`` call it was moved into (``patterns.template_prologue``), which its kernels
+    list among their nodes."""
+    if raw.after.node(name) is not None:
+        return name
+    for kernel in homes:
+        for other in kernel.nodes:
+            node = raw.after.node(other)
+            if node is not None and node.target.endswith("invoke_quant"):
+                return other
+    return name
+
+
 def _quant_status(raw: _RawGraph, kernels: list[Kernel], disabled: dict[str, str]) -> list[QuantOpStatus]:
     """The fate of every quantized op of the graph our passes received.
 
@@ -593,7 +607,8 @@ def _quant_status(raw: _RawGraph, kernels: list[Kernel], disabled: dict[str, str
             continue
         op = node.op_name
         decisions = _related_decisions(raw, node.name)
-        if raw.after.node(node.name) is None:
+        homes = [kernel for kernel in kernels if node.name in kernel.nodes]
+        if raw.after.node(node.name) is None and not homes:
             rewrites = [d for d in decisions if d.action == "rewritten"]
             if rewrites:
                 reason = f"rewritten by {rewrites[0].pattern} ({rewrites[0].reason})"
@@ -601,7 +616,6 @@ def _quant_status(raw: _RawGraph, kernels: list[Kernel], disabled: dict[str, str
                 reason = "removed by the inductor_quant passes (" + (", ".join(sorted(raw.counters)) or "no counter moved") + ")"
             statuses.append(QuantOpStatus(node.name, op, "rewritten", reason, None, node.source))
             continue
-        homes = [kernel for kernel in kernels if node.name in kernel.nodes]
         if not homes:
             reason = "computed by no kernel (dead code, or folded away by Inductor)"
             statuses.append(QuantOpStatus(node.name, op, "removed", reason, None, node.source))
@@ -611,12 +625,16 @@ def _quant_status(raw: _RawGraph, kernels: list[Kernel], disabled: dict[str, str
         # origins when it only prepares the call's inputs).
         itself = [k for k in homes if not k.is_generated and k.name.partition("#")[0].endswith(node.target)]
         generated = [k for k in homes if k.is_generated] if not itself else []
-        readers = _reader_kernels(raw.after, node.name, kernels, itself or generated)
+        after_name = _name_after_passes(raw, node.name, homes)
+        own = {node.name, after_name}
+        if after_name != node.name:  # wrapped: its invoke_quant call and that call's subgraph
+            own.update(raw.after.node(after_name).inputs[:1])
+        readers = _reader_kernels(raw.after, after_name, kernels, itself or generated)
         extern_readers = [k.name for k in readers if not k.is_generated]
-        shared = [k for k in generated if set(k.nodes) - {node.name}]
+        shared = [k for k in generated if set(k.nodes) - own]
         if shared and not extern_readers:
             kernel = shared[0]
-            reason = f"computed inside {kernel.name} with {', '.join(n for n in kernel.nodes if n != node.name)}"
+            reason = f"computed inside {kernel.name} with {', '.join(n for n in kernel.nodes if n not in own)}"
             statuses.append(QuantOpStatus(node.name, op, "fused", "; ".join([reason, *notes]), kernel.name, node.source))
             continue
         kernel = (itself or shared or generated or homes)[0]
@@ -630,7 +648,7 @@ def _quant_status(raw: _RawGraph, kernels: list[Kernel], disabled: dict[str, str
             reasons.append(f"{len(users)} consumers ({', '.join(u.name for u in users)})")
         if kernel.is_generated:
             where = f"computed in {kernel.name}" + (
-                f" with {', '.join(n for n in kernel.nodes if n != node.name)}" if shared else " alone"
+                f" with {', '.join(n for n in kernel.nodes if n not in own)}" if shared else " alone"
             )
             if extern_readers:
                 reasons.append(

@@ -37,7 +37,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import PatternMatcherPass
 
 from ..lowerings import lowering_files, register_lowerings
-from . import dequant_linear, optimizer_chain, sibling_matmuls, standalone, swiglu_epilogue
+from . import dequant_linear, optimizer_chain, sibling_matmuls, standalone, swiglu_epilogue, template_prologue
 
 try:
     from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass as _PassBase
@@ -56,10 +56,12 @@ HOOKS = ("post_grad_custom_post_pass", "post_grad_custom_pre_pass")
 class QuantPassConfig:
     """Which rewrites run (all by default).
 
+    ``template_prologues``: under max-autotune on a GPU, a dequantize feeding a matmul of more than
+    ``FUSED_MAX_M`` static rows is offered to Inductor's Triton matmul templates as a prologue
+    (``patterns.template_prologue``) instead of becoming the fused op.
     ``dequant_linear_4bit``: ``dequantize_4bit`` feeding ``mm``/``addmm`` -> ``gemm_4bit``.
     ``dequant_linear_8bit``: ``dequantize_blockwise`` feeding ``mm``/``addmm`` -> ``linear_8bit``
-    (turn off to leave the 8-bit dequantize to its lowering and Inductor's own matmul; on an
-    H100 with torch 2.11, max-autotune did not make it the prologue of a Triton matmul template).
+    (turn off to leave the 8-bit dequantize to its lowering and Inductor's own matmul).
     ``group_sibling_matmuls``: ``gemm_4bit`` calls that read the same activations (q/k/v,
     gate/up) -> one ``gemm_4bit_grouped`` (one GEMV launch at decode; ``patterns.sibling_matmuls``).
     ``fuse_swiglu_epilogues``: ``silu(gate) * up`` over a grouped gate/up matmul -> one
@@ -72,6 +74,7 @@ class QuantPassConfig:
     ``lowerings``: install the IR lowerings when the pass first runs.
     """
 
+    template_prologues: bool = True
     dequant_linear_4bit: bool = True
     dequant_linear_8bit: bool = True
     group_sibling_matmuls: bool = True
@@ -137,6 +140,8 @@ class QuantPassManager(_PassBase):
         changed = 0
         if self.config.functional_optimizer_updates:
             changed += optimizer_chain.rewrite_optimizer_updates(graph)
+        if self.config.template_prologues:
+            changed += template_prologue.wrap_template_prologues(graph)
         changed += self.patterns.apply(graph)
         if self.config.group_sibling_matmuls:
             changed += sibling_matmuls.group_sibling_matmuls(graph)
