@@ -78,6 +78,45 @@ def test_dequantize_linear_m1_is_one_kernel(dtype, coordinate_descent):
 
 
 
+@pytest.mark.parametrize("kind", ["4bit_nested", "8bit"])
+def test_large_m_dequantize_becomes_a_triton_template_prologue(kind):
+    """M above FUSED_MAX_M under max-autotune, the matmul restricted to Triton templates: the
+    dequantize (with its nested absmax) is fused into the template as its prologue — one Triton
+    kernel, no cuBLAS call, no fused op — and the product matches the float64 one."""
+    N, K, M = 2048, 2048, 512
+    weight = torch.randn(N, K, device="cuda")
+    code = dynamic_map(device="cuda")
+    if kind == "8bit":
+        codes, absmax = iq.quantize_blockwise(weight, code, 256)
+        tensors = (codes, absmax)
+
+        def dequantize(dtype, codes, absmax):
+            return iq.dequantize_blockwise(codes, absmax, code, 256, dtype)
+
+    else:
+        packed, absmax = iq.quantize_4bit(weight, 64, "nf4", torch.uint8)
+        offset = absmax.mean()
+        absmax_8bit, nested = iq.quantize_blockwise(absmax - offset, code, 256)
+        tensors = (packed, absmax_8bit, nested, offset)
+
+        def dequantize(dtype, packed, absmax_8bit, nested, offset):
+            scales = iq.dequantize_blockwise(absmax_8bit, nested, code, 256, torch.float32) + offset
+            return iq.dequantize_4bit(packed, scales, 64, "nf4", [N, K], dtype)
+
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+
+    def fn(x, *tensors):
+        return F.linear(x, dequantize(x.dtype, *tensors))
+
+    compiled, out, source = compile_and_run(fn, x, *tensors, max_autotune=True, max_autotune_gemm_backends="TRITON")
+    assert counters["inductor_quant"]["template_prologue"] == 1
+    FileCheck().check_not("torch.ops.inductor_quant.").check_not("extern_kernels.mm").run(source)
+    assert triton_kernel_count(source) == 1, source  # the template, the dequantize inside
+    assert len(cuda_kernels_launched(compiled, x, *tensors)) == 1
+    expected = x.double() @ dequantize(torch.float32, *tensors).double().T
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("coordinate_descent", [False, True], ids=["default", "coordinate_descent_tuning"])
 def test_qkv_projections_at_m1_are_one_kernel(coordinate_descent):
     """q/k/v of one activation (Llama-3-8B shapes, NF4, double-quantized absmax as quantize_model

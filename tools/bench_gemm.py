@@ -5,6 +5,7 @@ the bf16 weight + A + out. NF4, blocksize 64, bf16 activations, weights N x K (o
 
     python tools/bench_gemm.py [--json bench_gemm.json]      # the table (also run by bench_kernels.py)
     python tools/bench_gemm.py --sweep [--json sweep.json]   # every tile config, and the M crossover
+    python tools/bench_gemm.py --prologue [--json prologue.json]  # large M compiled under max-autotune
 
 ``run(copy_bw)`` returns the rows for ``tools/bench_kernels.py``, including the sibling groups of a
 Llama-3-8B layer at M = 1 (q/k/v, gate/up): ``gemm_4bit_grouped`` (one launch) against the same
@@ -12,13 +13,20 @@ weights as separate ``gemm_4bit`` / bitsandbytes gemv calls and bf16 ``F.linear`
 concatenated weight, and for gate/up ``gemm_4bit_swiglu`` (SiLU·up in the GEMV's epilogue)
 against the grouped op followed by the SiLU and the product. ``--sweep`` times each tile
 configuration of the fused kernels per shape and M, prints the best, and times the fused kernel
-against dequantize + F.linear for growing M (the ``FUSED_MAX_M`` threshold).
+against dequantize + F.linear for growing M (the ``FUSED_MAX_M`` threshold). ``--prologue`` compiles
+``F.linear(x, dequantize_4bit(W))`` at M above that threshold under max-autotune twice — with the
+``template_prologue`` pass (the dequantize offered to Inductor's Triton matmul templates as a
+prologue) and without it (the fused op: dequantize kernel + cuBLAS) — and times both next to the
+eager op, bitsandbytes and bf16 ``F.linear``; each compiled row notes the kernels it runs.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+import re
+import time
 
 import torch
 import torch.nn.functional as F
@@ -366,11 +374,71 @@ def _cpu_us_per_call(fn, calls: int = 200) -> float:
     return elapsed / calls * 1e6
 
 
+PROLOGUE_SHAPES = [(4096, 4096), (14336, 4096)]
+PROLOGUE_MS = [256, 1024, 4096]
+
+
+def _compiled_linear(p: Problem, A: torch.Tensor, template_prologues: bool) -> tuple[object, str, float]:
+    """``F.linear(A, dequantize_4bit(W))`` compiled under max-autotune, the template prologue pass
+    on or off: ``(compiled, the kernels its generated code runs, compile seconds)``."""
+    from torch._inductor.utils import run_and_get_code
+
+    from inductor_quant.compile import compile as iq_compile
+    from inductor_quant.patterns.pass_manager import QuantPassConfig
+
+    def linear(x):
+        return F.linear(x, ops.dequantize_4bit(p.B, p.absmax, BLOCKSIZE, "nf4", [p.N, p.K], x.dtype))
+
+    torch._dynamo.reset()
+    config = QuantPassConfig(template_prologues=template_prologues)
+    compiled = iq_compile(linear, fullgraph=True, options={"max_autotune": True}, pass_config=config)
+    start = time.perf_counter()
+    _, source = run_and_get_code(compiled, A)
+    seconds = time.perf_counter() - start
+    code = "\n".join(source)
+    launched = re.findall(r"^\s+(\w+)\.run\(", code, re.M)
+    launched += re.findall(r"^\s+(?:buf\d+ = )?((?:extern_kernels|torch\.ops\.inductor_quant)\.\w+)", code, re.M)
+    return (lambda: compiled(A)), " + ".join(launched), seconds
+
+
+def run_prologue(copy_bw: float, shapes=PROLOGUE_SHAPES, ms=PROLOGUE_MS) -> list[benchlib.Row]:
+    """Large M: the compiled dequantize + linear with and without the template prologue pass, the
+    eager op, bitsandbytes and bf16 F.linear (bytes: as the 4-bit rows, the bf16 weight for bf16)."""
+    rows: list[benchlib.Row] = []
+    for N, K in shapes:
+        p = Problem(N, K)
+        shape = f"{N}x{K}"
+        for M in ms:
+            A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            op = f"compiled linear M={M}"
+            ours = _ours(p, A)
+            t, how = _graph_bench(ours)
+            rows.append(benchlib.make_row(op, shape, "inductor_quant op (eager)", t, p.quant_bytes(M), copy_bw, how))
+            for impl, prologues in (("compiled, template prologue", True), ("compiled, fused op", False)):
+                fn, kernels_run, seconds = _compiled_linear(p, A, prologues)
+                err = _check(p, A, fn())
+                if not err < 4e-3:
+                    raise AssertionError(f"{impl} {shape} M={M}: relative error {err:.2e}")
+                t, how = _graph_bench(fn)
+                note = f"{how}, rel err {err:.1e}, compile {seconds:.0f} s, runs {kernels_run}"
+                rows.append(benchlib.make_row(op, shape, impl, t, p.quant_bytes(M), copy_bw, note))
+            theirs = _theirs(p, A)
+            if theirs is not None:
+                t, how = _graph_bench(theirs)
+                rows.append(benchlib.make_row(op, shape, "bnb", t, p.quant_bytes(M), copy_bw, how))
+            t, how = _graph_bench(lambda: F.linear(A, p.W))
+            rows.append(benchlib.make_row(op, shape, "torch bf16 linear", t, p.bf16_bytes(M), copy_bw, how))
+        del p
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = benchlib.cli_parser(__doc__, "bench_gemm.json", "where to write the results")
     parser.add_argument("--sweep", action="store_true", help="time every tile config and the M crossover")
     parser.add_argument("--profile", choices=("gemv", "dot"), help="only launch one kernel (for ncu)")
     parser.add_argument("--quick", action="store_true", help="with --sweep: only the configs still in contention")
+    parser.add_argument("--prologue", action="store_true", help="large M compiled under max-autotune, template prologue on/off")
     parser.add_argument("--host-profile", action="store_true", help="cProfile the ops' eager host path")
     args = parser.parse_args(argv)
     if benchlib.cuda_missing("bench_gemm"):
@@ -391,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(result["best"]))
         print("\n".join(result["crossover"]))
         return 0
-    rows = run(copy_bw)
+    rows = run_prologue(copy_bw) if args.prologue else run(copy_bw)
     benchlib.write_json(args.json, rows, meta)
     print(benchlib.format_table(rows))
     for row in rows:

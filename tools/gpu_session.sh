@@ -6,7 +6,8 @@
 # starve the others; DECODE_LAYERS (default 8) sets the decode benchmark's depth. Named only:
 # quant_sweep (the quantize/dequantize launch-configuration variants, checked then timed);
 # quant_producer (a quantize of a pointwise product compiled as kernel-after-product and fused);
-# quant_profile (ncu stall reasons, memory and scheduler sections of both quantize kernels).
+# quant_profile (ncu stall reasons, memory and scheduler sections of both quantize kernels);
+# gemm_prologue (large-M dequantize + linear compiled under max-autotune, template prologue on/off).
 set -u
 out="${1:-${OUT:-/tmp/out}}"
 shift || true
@@ -31,5 +32,6 @@ stage quant_producer 240 python3 tools/bench_quant.py --producer --json "$out/qu
 ncu_sections="--section SpeedOfLight --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats"
 # the third launch of each kernel: the first compiles it (and builds the 8-bit tables, cached)
 stage quant_profile 180 bash -c "for op in quantize_blockwise quantize_4bit; do ncu --launch-skip 2 --launch-count 1 -k regex:_\${op}_kernel $ncu_sections python3 tools/bench_quant.py --profile \$op; done"
+stage gemm_prologue 540 python3 tools/bench_gemm.py --prologue --json "$out/gemm_prologue.json"
 stage bench_optim_e2e 120 python3 tools/bench_e2e.py --skip-decode --json "$out/bench_optim_e2e.json"
 stage bench_decode 420 python3 tools/bench_e2e.py --skip-optim --layers "${DECODE_LAYERS:-8}" --steps 32 --kernels --json "$out/bench_decode.json"

@@ -34,8 +34,9 @@ class FusionDecision:
 
     ``pattern``: the pass family and variant (e.g. ``"dequant_linear_4bit"``); ``node``: the FX
     node's name (the matmul for a rewrite, the dequantize for a consumer policy); ``op``: its
-    target; ``action``: ``"rewritten"``, ``"not rewritten"``, ``"per-consumer"``, or for a quant op
-    left in the graph ``"kernel"`` (its hand-written kernel is called) or ``"lowered"`` (it becomes
+    target; ``action``: ``"rewritten"``, ``"not rewritten"``, ``"per-consumer"``, ``"prologue candidate"`` (a
+    matmul whose dequantized weight is offered to Inductor's templates), or for a quant op left in
+    the graph ``"kernel"`` (its hand-written kernel is called) or ``"lowered"`` (it becomes
     generated code); ``reason``: a sentence a user can act on."""
 
     pattern: str
