@@ -328,13 +328,10 @@ def _weights(kind, n=32, k=64):
 @pytest.mark.usefixtures("prologue_on_cpu")
 @pytest.mark.parametrize("kind", ["4bit", "4bit_nested", "8bit"])
 @pytest.mark.parametrize("has_bias, dtype, convert", [(False, torch.float32, False), (True, torch.bfloat16, True)])
-@pytest.mark.parametrize("transposed_copy", [False, True], ids=["view", "transposed_copy"])
-def test_large_m_dequantize_is_offered_as_a_template_prologue(monkeypatch, kind, has_bias, dtype, convert, transposed_copy):
+def test_large_m_dequantize_is_offered_as_a_template_prologue(kind, has_bias, dtype, convert):
     """M > FUSED_MAX_M, max-autotune: the weight chain (nested absmax included, and a conversion
     before the transpose) moves into one invoke_quant call, generated as one kernel in front of
-    Inductor's matmul; the fused op is not used. Both forms of the call's result: the transposed
-    view, and the contiguous copy of it made for Inductor before 2.12."""
-    monkeypatch.setattr(template_prologue, "TRANSPOSED_COPY", transposed_copy)
+    Inductor's matmul; the fused op is not used."""
     weight, tensors = _weights(kind)
     x = torch.randn(template_prologue.FUSED_MAX_M + 72, 64, dtype=dtype)
     bias = torch.randn(32, dtype=dtype) if has_bias else None

@@ -9,6 +9,13 @@ skips prologues that compute in fp32 for a 16-bit template, and the dequantize d
 times absmax, rounded once). ``torch._higher_order_ops.invoke_quant`` is PyTorch's way of saying
 "this is a quantization prologue, try it": a dequantize wrapped in it skips the heuristic.
 
+Whether the fusion is tried also depends on the Inductor version: before 2.12 the scheduler scores
+a template against its prologue by exact equality of their memory accesses, and the template reads
+``W`` through its transpose, so the fusion is never considered ("no shared data"); 2.12 matches a
+template's dependencies by buffer name (pytorch PR #177302). Measured on an H100 with torch 2.11
+(``tools/notes_gemm.md``): no fusion, and the autotuned matmul next to the generated dequantize is
+as fast as the fused op or faster (4096x4096, M = 256: NF4 33.2 against 38.3 µs).
+
 So, on a GPU and with max-autotune on, this pass wraps each dequantize whose only use is the
 weight of a ``mm``/``addmm`` with more than ``FUSED_MAX_M`` static rows in ``invoke_quant``
 (together with its nested-absmax reconstruction and a dtype conversion before the transpose, if
@@ -43,13 +50,6 @@ PROLOGUE_DEVICES: tuple[str, ...] = ("cuda", "xpu")
 SCHEME = "inductor_quant_dequantize"
 """``scheme`` of the ``invoke_quant`` calls this pass inserts."""
 
-TRANSPOSED_COPY: bool = torch.torch_version.TorchVersion(torch.__version__) < (2, 12)
-"""Make the wrapped chain end in a contiguous copy of ``W.t()`` rather than the transposed view.
-Inductor before 2.12 scores a template against its prologue by exact memory-access equality, and
-the template's transposed read of ``W`` never equals the dequantize's row-major write, so it
-never tries the fusion ("no shared data"; 2.12 matches template dependencies by buffer name,
-pytorch PR #177302). The copy is free when fused; unfused it is a transposed write."""
-
 _DEQUANTIZE_OPS = (iq.dequantize_4bit.default, iq.dequantize_blockwise.default)
 
 
@@ -70,8 +70,8 @@ def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
 
 def _weight_chain(matmul: torch.fx.Node) -> list[torch.fx.Node] | None:
     """The nodes that compute the matmul's weight operand from a dequantize, in graph order
-    (``[nested absmax dequantize, add,] dequantize [, convert]``, and the ``[1, 0]`` permute that
-    takes it to the matmul if ``TRANSPOSED_COPY``), when each one's only use is the next; else None."""
+    (``[nested absmax dequantize, add,] dequantize [, convert]``), when each one's only use is the
+    next and the weight reaches the matmul through a ``[1, 0]`` permute; else None."""
     weight_t = matmul.args[1] if matmul.target == aten.mm.default else matmul.args[2]
     if not (isinstance(weight_t, torch.fx.Node) and weight_t.target == aten.permute.default and list(weight_t.args[1]) == [1, 0]):
         return None
@@ -95,11 +95,10 @@ def _weight_chain(matmul: torch.fx.Node) -> list[torch.fx.Node] | None:
     ):
         chain += [absmax, absmax.args[0]]
     chain.reverse()
-    chain.append(weight_t)
-    for producer, consumer in zip(chain, [*chain[1:], matmul]):
+    for producer, consumer in zip(chain, [*chain[1:], weight_t]):
         if _only_user(producer) is not consumer:
             return None
-    return chain if TRANSPOSED_COPY else chain[:-1]
+    return chain
 
 
 def _large_static_rows(matmul: torch.fx.Node) -> bool:
@@ -128,13 +127,7 @@ def _wrap(graph: torch.fx.Graph, chain: list[torch.fx.Node]) -> torch.fx.Node:
         env[operand].meta.update(operand.meta)
     for node in chain:
         env[node] = sub.node_copy(node, lambda n: env[n])
-    result = env[chain[-1]]
-    val = chain[-1].meta["val"]
-    if TRANSPOSED_COPY:
-        val = val.clone(memory_format=torch.contiguous_format)
-        result = sub.call_function(aten.clone.default, (result,), {"memory_format": torch.contiguous_format})
-        result.meta["val"] = val
-    sub.output(result)
+    sub.output(env[chain[-1]])
     owner = graph.owning_module
     index = 0
     while hasattr(owner, f"inductor_quant_prologue_{index}"):
@@ -147,7 +140,6 @@ def _wrap(graph: torch.fx.Graph, chain: list[torch.fx.Node]) -> torch.fx.Node:
     with graph.inserting_after(subgraph):
         call = graph.call_function(torch._higher_order_ops.invoke_quant, (subgraph, *operands), {"scheme": SCHEME})
     call.meta.update(last.meta)
-    call.meta["val"] = val
     call.meta["quant_options"] = torch._higher_order_ops.InvokeQuant(codegen_low_precision=False)
     last.replace_all_uses_with(call)
     for node in reversed(chain):
@@ -166,7 +158,7 @@ def wrap_template_prologues(graph: torch.fx.Graph) -> int:
         chain = _weight_chain(matmul)
         if chain is None or not _large_static_rows(matmul):
             continue
-        weight = _val(chain[0])
+        weight = _val(chain[-1])
         if not isinstance(weight, torch.Tensor) or weight.device.type not in PROLOGUE_DEVICES:
             continue
         _wrap(graph, chain)
