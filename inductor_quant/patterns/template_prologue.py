@@ -101,10 +101,11 @@ def _weight_chain(matmul: torch.fx.Node) -> list[torch.fx.Node] | None:
     return chain
 
 
-def _large_static_rows(matmul: torch.fx.Node) -> bool:
+def _static_rows(matmul: torch.fx.Node) -> int | None:
+    """M of the matmul's ``[M, K]`` activation when it is a static size, else None."""
     x = _val(matmul.args[0] if matmul.target == aten.mm.default else matmul.args[1])
     rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else None
-    return isinstance(rows, int) and rows > FUSED_MAX_M
+    return rows if isinstance(rows, int) else None
 
 
 def _matmuls(graph: torch.fx.Graph) -> Iterator[torch.fx.Node]:
@@ -151,12 +152,13 @@ def wrap_template_prologues(graph: torch.fx.Graph) -> int:
     """Wrap the dequantize of every eligible large-M matmul on a ``PROLOGUE_DEVICES`` device in
     ``invoke_quant`` (module doc); returns the number wrapped. Does nothing unless
     :func:`template_prologues_enabled`."""
-    if not template_prologues_enabled():
+    if not template_prologues_enabled() or graph.owning_module is None:  # the subgraph needs a module
         return 0
     wrapped = 0
     for matmul in _matmuls(graph):
-        chain = _weight_chain(matmul)
-        if chain is None or not _large_static_rows(matmul):
+        rows = _static_rows(matmul)
+        chain = _weight_chain(matmul) if rows is not None and rows > FUSED_MAX_M else None
+        if chain is None:
             continue
         weight = _val(chain[-1])
         if not isinstance(weight, torch.Tensor) or weight.device.type not in PROLOGUE_DEVICES:
@@ -168,8 +170,7 @@ def wrap_template_prologues(graph: torch.fx.Graph) -> int:
             "template_prologue",
             matmul,
             "prologue candidate",
-            f"{matmul.target} with {_val(matmul.args[0] if matmul.target == aten.mm.default else matmul.args[1]).shape[0]} "
-            f"rows (> {FUSED_MAX_M}) under max-autotune: its dequantized weight is offered to Inductor's Triton matmul "
+            f"{matmul.target} with {rows} rows (> {FUSED_MAX_M}) under max-autotune: its dequantized weight is offered to Inductor's Triton matmul "
             "templates as a prologue (invoke_quant); Inductor keeps the fastest of fused, unfused and cuBLAS",
         )
     return wrapped
