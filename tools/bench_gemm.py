@@ -27,6 +27,7 @@ import sys
 
 import re
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -133,31 +134,43 @@ def _graph_bench(fn) -> tuple[float, str]:
         return benchlib.bench(fn), f"eager ({type(error).__name__})"
 
 
+def _cases(shapes, ms) -> Iterator[tuple[Problem, str, int, torch.Tensor]]:
+    """``(weight, "NxK", M, bf16 activations [M, K])`` for every shape and M, one weight at a time."""
+    for N, K in shapes:
+        p = Problem(N, K)
+        for M in ms:
+            yield p, f"{N}x{K}", M, torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        del p
+        torch.cuda.empty_cache()
+
+
+def _baseline_rows(op: str, shape: str, p: Problem, A: torch.Tensor, copy_bw: float) -> list[benchlib.Row]:
+    """bitsandbytes (when installed) and bf16 ``F.linear`` on the same weight and activations."""
+    M = A.shape[0]
+    rows = []
+    theirs = _theirs(p, A)
+    if theirs is not None:
+        t, how = _graph_bench(theirs)
+        rows.append(benchlib.make_row(op, shape, "bnb", t, p.quant_bytes(M), copy_bw,
+                                      f"{how}, host {_cpu_us_per_call(theirs):.0f} us/call"))
+    t, how = _graph_bench(lambda: F.linear(A, p.W))
+    rows.append(benchlib.make_row(op, shape, "torch bf16 linear", t, p.bf16_bytes(M), copy_bw, how))
+    return rows
+
+
 def run(copy_bw: float, shapes=SHAPES, ms=MS) -> list[benchlib.Row]:
     """Time ours, bitsandbytes and bf16 F.linear on every shape and M; check ours first."""
     rows: list[benchlib.Row] = []
-    for N, K in shapes:
-        p = Problem(N, K)
-        shape = f"{N}x{K}"
-        for M in ms:
-            A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            ours = _ours(p, A)
-            err = _check(p, A, ours())
-            if not err < 4e-3:
-                raise AssertionError(f"inductor_quant {_op_name(M)} {shape}: relative error {err:.2e}")
-            path = kernels.fused_path(M, p.B, K, BLOCKSIZE) if M <= kernels.FUSED_MAX_M else "dequant+linear"
-            t, how = _graph_bench(ours)
-            rows.append(benchlib.make_row(_op_name(M), shape, "inductor_quant", t, p.quant_bytes(M), copy_bw,
-                                          f"{path}, {how}, rel err {err:.1e}, host {_cpu_us_per_call(ours):.0f} us/call"))
-            theirs = _theirs(p, A)
-            if theirs is not None:
-                t, how = _graph_bench(theirs)
-                rows.append(benchlib.make_row(_op_name(M), shape, "bnb", t, p.quant_bytes(M), copy_bw,
-                                              f"{how}, host {_cpu_us_per_call(theirs):.0f} us/call"))
-            t, how = _graph_bench(lambda: F.linear(A, p.W))
-            rows.append(benchlib.make_row(_op_name(M), shape, "torch bf16 linear", t, p.bf16_bytes(M), copy_bw, how))
-        del p
-        torch.cuda.empty_cache()
+    for p, shape, M, A in _cases(shapes, ms):
+        ours = _ours(p, A)
+        err = _check(p, A, ours())
+        if not err < 4e-3:
+            raise AssertionError(f"inductor_quant {_op_name(M)} {shape}: relative error {err:.2e}")
+        path = kernels.fused_path(M, p.B, p.K, BLOCKSIZE) if M <= kernels.FUSED_MAX_M else "dequant+linear"
+        t, how = _graph_bench(ours)
+        rows.append(benchlib.make_row(_op_name(M), shape, "inductor_quant", t, p.quant_bytes(M), copy_bw,
+                                      f"{path}, {how}, rel err {err:.1e}, host {_cpu_us_per_call(ours):.0f} us/call"))
+        rows += _baseline_rows(_op_name(M), shape, p, A, copy_bw)
     return rows + run_groups(copy_bw)
 
 
@@ -405,31 +418,19 @@ def run_prologue(copy_bw: float, shapes=PROLOGUE_SHAPES, ms=PROLOGUE_MS) -> list
     """Large M: the compiled dequantize + linear with and without the template prologue pass, the
     eager op, bitsandbytes and bf16 F.linear (bytes: as the 4-bit rows, the bf16 weight for bf16)."""
     rows: list[benchlib.Row] = []
-    for N, K in shapes:
-        p = Problem(N, K)
-        shape = f"{N}x{K}"
-        for M in ms:
-            A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            op = f"compiled linear M={M}"
-            ours = _ours(p, A)
-            t, how = _graph_bench(ours)
-            rows.append(benchlib.make_row(op, shape, "inductor_quant op (eager)", t, p.quant_bytes(M), copy_bw, how))
-            for impl, prologues in (("compiled, template prologue", True), ("compiled, fused op", False)):
-                fn, kernels_run, seconds = _compiled_linear(p, A, prologues)
-                err = _check(p, A, fn())
-                if not err < 4e-3:
-                    raise AssertionError(f"{impl} {shape} M={M}: relative error {err:.2e}")
-                t, how = _graph_bench(fn)
-                note = f"{how}, rel err {err:.1e}, compile {seconds:.0f} s, runs {kernels_run}"
-                rows.append(benchlib.make_row(op, shape, impl, t, p.quant_bytes(M), copy_bw, note))
-            theirs = _theirs(p, A)
-            if theirs is not None:
-                t, how = _graph_bench(theirs)
-                rows.append(benchlib.make_row(op, shape, "bnb", t, p.quant_bytes(M), copy_bw, how))
-            t, how = _graph_bench(lambda: F.linear(A, p.W))
-            rows.append(benchlib.make_row(op, shape, "torch bf16 linear", t, p.bf16_bytes(M), copy_bw, how))
-        del p
-        torch.cuda.empty_cache()
+    for p, shape, M, A in _cases(shapes, ms):
+        op = f"compiled linear M={M}"
+        t, how = _graph_bench(_ours(p, A))
+        rows.append(benchlib.make_row(op, shape, "inductor_quant op (eager)", t, p.quant_bytes(M), copy_bw, how))
+        for impl, prologues in (("compiled, template prologue", True), ("compiled, fused op", False)):
+            fn, kernels_run, seconds = _compiled_linear(p, A, prologues)
+            err = _check(p, A, fn())
+            if not err < 4e-3:
+                raise AssertionError(f"{impl} {shape} M={M}: relative error {err:.2e}")
+            t, how = _graph_bench(fn)
+            note = f"{how}, rel err {err:.1e}, compile {seconds:.0f} s, runs {kernels_run}"
+            rows.append(benchlib.make_row(op, shape, impl, t, p.quant_bytes(M), copy_bw, note))
+        rows += _baseline_rows(op, shape, p, A, copy_bw)
     return rows
 
 
